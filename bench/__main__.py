@@ -1,0 +1,23 @@
+"""`make bench` / `python -m bench [name ...]`: run the benchmarks under bench/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "stack": "bench.stack_throughput",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller volumes (smoke run)")
+    args = parser.parse_args()
+    for name in args.names or list(BENCHMARKS):
+        importlib.import_module(BENCHMARKS[name]).main(quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""streamvqa: streaming video question answering."""
+__version__ = "0.1.0"

