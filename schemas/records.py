@@ -1,0 +1,382 @@
+"""Record types carried on the streamvqa Kafka topics and stored in the object store.
+
+Each record is a frozen, slotted dataclass whose field names match its Arrow
+schema one to one. Times are int64 microseconds (``*_us``) so they stay exact.
+Lists are tuples (records are immutable and hashable); nested list items are
+small frozen dataclasses. Construct records by keyword.
+
+Every record class exposes:
+
+* ``SCHEMA``: the ``pa.Schema`` of its one-row Arrow message, with schema
+  metadata ``b"streamvqa.type"`` (the record name) and ``b"streamvqa.version"``;
+* ``VERSION``: the schema version this code writes (and the only one it reads);
+* ``ITEMS``: the item dataclass of each ``list<struct>`` field;
+* ``message_key()``: the Kafka message key (bytes) or ``None``.
+
+Construction does not validate; :func:`streamvqa.schemas.validate` does, and
+``encode``/``decode`` always call it.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import pyarrow as pa
+
+__all__ = [
+    "BLOCK_TIERS",
+    "CURRENT_VERSION",
+    "FRAME_CODECS",
+    "FRAME_TIERS",
+    "IMAGE_CODECS",
+    "RECORD_TYPES",
+    "SAMPLE_FORMATS",
+    "SUPPORTED_VERSIONS",
+    "TYPE_KEY",
+    "VERSION_KEY",
+    "Answer",
+    "AudioChunk",
+    "DeadLetter",
+    "EvidenceSpan",
+    "Frame",
+    "ManifestBlock",
+    "ManifestFrame",
+    "MemoryManifest",
+    "Query",
+    "Record",
+    "SourceOffset",
+    "StageLatency",
+]
+
+CURRENT_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+TYPE_KEY = b"streamvqa.type"
+VERSION_KEY = b"streamvqa.version"
+
+FRAME_CODECS = frozenset({"jpeg", "png", "rgb24"})
+IMAGE_CODECS = frozenset({"jpeg", "png"})
+#: PCM sample format -> bytes per sample.
+SAMPLE_FORMATS: dict[str, int] = {"s16le": 2, "f32le": 4}
+FRAME_TIERS = frozenset({"clear", "fuzzy", "evicted"})
+BLOCK_TIERS = frozenset({"gpu", "cpu", "disk", "object"})
+
+_record = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+
+
+def _req(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=False)
+
+
+def _opt(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=True)
+
+
+def _list_of(type_: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("item", type_, nullable=False))
+
+
+def _schema(name: str, *fields: pa.Field) -> pa.Schema:
+    return pa.schema(
+        [_req("schema_version", pa.int16()), *fields],
+        metadata={TYPE_KEY: name.encode(), VERSION_KEY: str(CURRENT_VERSION).encode()},
+    )
+
+
+# --------------------------------------------------------------------------- items
+
+
+@_record
+class EvidenceSpan:
+    """A time range of the stream that supports an answer."""
+
+    start_us: int
+    end_us: int
+    score: float = 0.0
+
+
+@_record
+class StageLatency:
+    """Time one pipeline stage spent on a query."""
+
+    stage: str
+    ms: float
+
+
+@_record
+class ManifestFrame:
+    """One frame known to a stream's memory."""
+
+    seq: int
+    pts_us: int
+    tier: str  # one of FRAME_TIERS
+    tokens: int
+    score: float
+    content_hash: str
+
+
+@_record
+class ManifestBlock:
+    """One block of KV cache and where it lives."""
+
+    block_index: int
+    start_us: int
+    end_us: int
+    tier: str  # one of BLOCK_TIERS
+    nbytes: int
+    key: str  # object-store key ("" while the block was never written out)
+    content_hash: str
+
+
+@_record
+class SourceOffset:
+    """The next input offset of one topic partition covered by a snapshot."""
+
+    topic: str
+    partition: int
+    next_offset: int
+
+
+_EVIDENCE = pa.struct(
+    [_req("start_us", pa.int64()), _req("end_us", pa.int64()), _req("score", pa.float64())]
+)
+_LATENCY = pa.struct([_req("stage", pa.string()), _req("ms", pa.float64())])
+_MANIFEST_FRAME = pa.struct(
+    [
+        _req("seq", pa.int64()),
+        _req("pts_us", pa.int64()),
+        _req("tier", pa.string()),
+        _req("tokens", pa.int32()),
+        _req("score", pa.float64()),
+        _req("content_hash", pa.string()),
+    ]
+)
+_MANIFEST_BLOCK = pa.struct(
+    [
+        _req("block_index", pa.int64()),
+        _req("start_us", pa.int64()),
+        _req("end_us", pa.int64()),
+        _req("tier", pa.string()),
+        _req("nbytes", pa.int64()),
+        _req("key", pa.string()),
+        _req("content_hash", pa.string()),
+    ]
+)
+_SOURCE_OFFSET = pa.struct(
+    [_req("topic", pa.string()), _req("partition", pa.int32()), _req("next_offset", pa.int64())]
+)
+
+# ------------------------------------------------------------------------- records
+
+
+@_record
+class Frame:
+    """One video frame. Key: ``stream_id``."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "Frame",
+        _req("stream_id", pa.string()),
+        _req("seq", pa.int64()),
+        _req("pts_us", pa.int64()),
+        _req("codec", pa.string()),
+        _req("width", pa.int32()),
+        _req("height", pa.int32()),
+        _req("payload", pa.binary()),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {}
+
+    stream_id: str
+    seq: int
+    pts_us: int
+    codec: str  # one of FRAME_CODECS
+    width: int
+    height: int
+    payload: bytes
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.stream_id.encode()
+
+
+@_record
+class AudioChunk:
+    """A chunk of interleaved PCM audio. Key: ``stream_id``."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "AudioChunk",
+        _req("stream_id", pa.string()),
+        _req("seq", pa.int64()),
+        _req("pts_us", pa.int64()),
+        _req("sample_rate", pa.int32()),
+        _req("channels", pa.int16()),
+        _req("sample_format", pa.string()),
+        _req("payload", pa.binary()),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {}
+
+    stream_id: str
+    seq: int
+    pts_us: int
+    sample_rate: int
+    channels: int
+    sample_format: str  # one of SAMPLE_FORMATS
+    payload: bytes
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.stream_id.encode()
+
+
+@_record
+class Query:
+    """A question about a stream. Key: ``stream_id`` (keeps a stream's questions in
+    order with its frames)."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "Query",
+        _req("query_id", pa.string()),
+        _req("stream_id", pa.string()),
+        _req("text", pa.string()),
+        _req("asked_at_us", pa.int64()),
+        _opt("options", _list_of(pa.string())),
+        _opt("image", pa.binary()),
+        _opt("image_codec", pa.string()),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {}
+
+    query_id: str
+    stream_id: str
+    text: str
+    asked_at_us: int
+    options: tuple[str, ...] | None = None  # multiple-choice options
+    image: bytes | None = None  # an example image ("when did this appear?")
+    image_codec: str | None = None  # one of IMAGE_CODECS, set iff image is
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.stream_id.encode()
+
+
+@_record
+class Answer:
+    """The answer to a query. Key: ``query_id`` (a retried write is recognisable)."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "Answer",
+        _req("query_id", pa.string()),
+        _req("stream_id", pa.string()),
+        _req("text", pa.string()),
+        _req("evidence", _list_of(_EVIDENCE)),
+        _req("latency", _list_of(_LATENCY)),
+        _req("model_id", pa.string()),
+        _req("answered_at_us", pa.int64()),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {"evidence": EvidenceSpan, "latency": StageLatency}
+
+    query_id: str
+    stream_id: str
+    text: str
+    model_id: str
+    answered_at_us: int
+    evidence: tuple[EvidenceSpan, ...] = ()
+    latency: tuple[StageLatency, ...] = ()  # in pipeline order
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.query_id.encode()
+
+
+@_record
+class DeadLetter:
+    """A message that could not be processed. Key: the source message's key."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "DeadLetter",
+        _req("source_topic", pa.string()),
+        _req("source_partition", pa.int32()),
+        _req("source_offset", pa.int64()),
+        _opt("key", pa.binary()),
+        _req("reason", pa.string()),
+        _req("detail", pa.string()),
+        _req("payload_excerpt", pa.binary()),
+        _req("payload_size", pa.int64()),
+        _req("failed_at_us", pa.int64()),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {}
+
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    reason: str  # a SchemaError.reason or another short code
+    detail: str
+    payload_excerpt: bytes  # the first bytes of the payload
+    payload_size: int
+    failed_at_us: int
+    key: bytes | None = None
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.key
+
+
+@_record
+class MemoryManifest:
+    """A snapshot of one stream's memory (object store). Key: ``stream_id``."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "MemoryManifest",
+        _req("stream_id", pa.string()),
+        _req("generation", pa.int64()),
+        _req("updated_at_us", pa.int64()),
+        _req("token_budget", pa.int64()),
+        _req("total_tokens", pa.int64()),
+        _req("frames", _list_of(_MANIFEST_FRAME)),
+        _req("kv_blocks", _list_of(_MANIFEST_BLOCK)),
+        _req("source_offsets", _list_of(_SOURCE_OFFSET)),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {
+        "frames": ManifestFrame,
+        "kv_blocks": ManifestBlock,
+        "source_offsets": SourceOffset,
+    }
+
+    stream_id: str
+    generation: int  # snapshot number, increases monotonically
+    updated_at_us: int
+    token_budget: int
+    total_tokens: int
+    frames: tuple[ManifestFrame, ...] = ()
+    kv_blocks: tuple[ManifestBlock, ...] = ()
+    source_offsets: tuple[SourceOffset, ...] = ()
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.stream_id.encode()
+
+
+Record = Frame | AudioChunk | Query | Answer | DeadLetter | MemoryManifest
+
+#: Record name (the ``streamvqa.type`` schema metadata) -> record class.
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.__name__: cls for cls in (Frame, AudioChunk, Query, Answer, DeadLetter, MemoryManifest)
+}
+
+
+def _check_consistency() -> None:
+    """Dataclass fields and Arrow schemas must name the same fields."""
+    for name, cls in RECORD_TYPES.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        if names != set(cls.SCHEMA.names) or cls.SCHEMA.metadata[TYPE_KEY] != name.encode():
+            raise RuntimeError(f"{name}: dataclass and Arrow schema disagree")
+        for list_field, item_cls in cls.ITEMS.items():
+            struct = cls.SCHEMA.field(list_field).type.value_type
+            item_names = {f.name for f in dataclasses.fields(item_cls)}
+            if item_names != {struct.field(i).name for i in range(struct.num_fields)}:
+                raise RuntimeError(f"{name}.{list_field}: item dataclass and struct disagree")
+
+
+_check_consistency()
