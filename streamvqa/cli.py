@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -22,7 +22,7 @@ app.add_typer(services, name="services")
 console = Console()
 err_console = Console(stderr=True)
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Project data folder (default: settings).")]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Project data folder (default: settings).")]
 
 
 def _settings(data_dir: Path | None = None, **local: object) -> Settings:
@@ -47,7 +47,7 @@ def _fail(err: Exception) -> typer.Exit:
 @services.command("up")
 def services_up(
     data_dir: DataDir = None,
-    storage: Annotated[Optional[str], typer.Option(help="Broker storage: 'memory' or 's3' (durable).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Broker storage: 'memory' or 's3' (durable).")] = None,
 ) -> None:
     """Start the stack (what is not running yet), create topics and buckets."""
     from streamvqa.infra.local.stack import LocalStack

@@ -36,7 +36,7 @@ def decode_frames(path: Path, limit: int | None = None) -> Iterator[tuple[int, n
             if limit is not None and index >= limit:
                 return
             pts = frame.pts if frame.pts is not None else index
-            yield int(round(pts * time_base * 1_000_000)), frame.to_ndarray(format="rgb24")
+            yield round(pts * time_base * 1_000_000), frame.to_ndarray(format="rgb24")
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:

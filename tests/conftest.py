@@ -12,8 +12,9 @@ import pytest
 for _name in [name for name in os.environ if name.startswith("STREAMVQA_")]:
     del os.environ[_name]
 
-from streamvqa import connect  # noqa: E402
 from streamvqa.infra.local.stack import LocalStack  # noqa: E402
+
+from streamvqa import connect  # noqa: E402
 from streamvqa.settings import Settings  # noqa: E402
 
 

@@ -103,7 +103,7 @@ class ManagedProcess:
         self.clear_stale()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - argv built by us, no shell
+            proc = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -136,7 +136,7 @@ class ManagedProcess:
             try:
                 if probe():
                     return time.monotonic() - start
-            except Exception:  # noqa: BLE001 - a probe failing just means "not yet"
+            except Exception:
                 pass
             if time.monotonic() > deadline:
                 raise StackError(

@@ -122,8 +122,8 @@ class LocalStack:
         return state
 
     def _ensure_topics(self, state: StackState) -> list[str]:
-        from streamvqa.infra.provision import ensure_topics
         from kafka.admin import KafkaAdminClient
+        from streamvqa.infra.provision import ensure_topics
 
         admin = KafkaAdminClient(
             bootstrap_servers=state.bootstrap_servers,
@@ -142,7 +142,7 @@ class LocalStack:
         while True:
             try:
                 return action()
-            except Exception as err:  # noqa: BLE001 - reported below with context
+            except Exception as err:
                 if time.monotonic() + delay > deadline:
                     raise StackError(f"{what} failed after {timeout_s:.0f} s: {err}") from err
                 time.sleep(delay)
@@ -163,7 +163,7 @@ class LocalStack:
                     "set STREAMVQA_LOCAL__S3_PORT to another port, or 0 for any free one"
                 )
             others = free_ports(seaweedfs.PORT_COUNT - 1, avoid={wanted})
-            return seaweedfs.SeaweedPorts.from_list(others[:6] + [wanted] + others[6:])
+            return seaweedfs.SeaweedPorts.from_list([*others[:6], wanted, *others[6:]])
         # Keep a durable store's endpoint stable across restarts when its ports are free.
         if previous is not None and all(port_is_free(p) for p in previous.s3_ports):
             return seaweedfs.SeaweedPorts.from_list(previous.s3_ports)
