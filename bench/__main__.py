@@ -7,6 +7,7 @@ import importlib
 
 BENCHMARKS = {
     "stack": "bench.stack_throughput",
+    "passthrough": "bench.kafka_passthrough",
 }
 
 

@@ -194,9 +194,7 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
         ) from exc
     except Exception as exc:
         raise MalformedMessage(f"corrupt Arrow IPC schema message: {exc}") from exc
-    cls = _record_class(schema, expected)
-    version = _check_version(schema, cls)
-    _check_schema(schema, cls)
+    cls, version = _checked_schema(data, schema, expected)
 
     try:
         batches = list(reader)
@@ -224,6 +222,31 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
     record = _from_row(cls, row)
     validate(record, limits)
     return record
+
+
+# Schemas that passed the checks, keyed by the exact bytes of their IPC schema message:
+# every message of a topic carries the same schema, so the checks run once per schema.
+_GOOD_SCHEMAS: dict[tuple[bytes, type[Record] | None], tuple[type[Record], int]] = {}
+_GOOD_SCHEMAS_MAX = 256
+
+
+def _checked_schema(
+    data: bytes, schema: pa.Schema, expected: type[Record] | None
+) -> tuple[type[Record], int]:
+    # _check_framing has verified the first message: continuation, int32 metadata length,
+    # metadata, and (for a schema message) no body.
+    schema_bytes = data[: 8 + int.from_bytes(data[4:8], "little", signed=True)]
+    key = (schema_bytes, expected)
+    hit = _GOOD_SCHEMAS.get(key)
+    if hit is not None:
+        return hit
+    cls = _record_class(schema, expected)
+    version = _check_version(schema, cls)
+    _check_schema(schema, cls)
+    if len(_GOOD_SCHEMAS) >= _GOOD_SCHEMAS_MAX:
+        _GOOD_SCHEMAS.clear()
+    _GOOD_SCHEMAS[key] = (cls, version)
+    return cls, version
 
 
 def _record_class(schema: pa.Schema, expected: type[Record] | None) -> type[Record]:

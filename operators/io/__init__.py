@@ -1,0 +1,1 @@
+"""Kafka IO for Beam on kafka-python, and the exactly-once task layer."""

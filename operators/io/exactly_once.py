@@ -1,0 +1,379 @@
+"""Exactly-once results across restarts, on any runner, without relying on the broker.
+
+A ``PartitionTask`` processes one input partition in offset order. It keeps one
+state per stream id (the records' key), produced by a deterministic
+``StreamProcessor``, and commits in three ordered steps (the Kafka Streams
+protocol, with the object store as the state backend):
+
+1. flush the producer: every output of the absorbed inputs is acknowledged;
+2. write a snapshot of every stream whose state changed (compare-and-set), each
+   recording the next input offset it has absorbed;
+3. write the partition's progress record (next offset, output positions;
+   compare-and-set, so a zombie task is fenced) and commit the offset to the
+   consumer group.
+
+After a crash anywhere, the source resumes from the group's committed offset
+(never ahead of the snapshots); each stream restores its snapshot and skips
+inputs it had absorbed; inputs after the snapshot are processed again from the
+same state and give the same outputs, and the producer suppresses those whose
+keys the output topics already hold since the progress record's positions.
+Result: every input affects the state once and every output appears once.
+See docs/exactly-once.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import apache_beam as beam
+from streamvqa.schemas import InvalidField, SchemaError, encode, make_dead_letter
+
+from streamvqa.storage.object_store import ObjectNotFound, ObjectStore, PreconditionFailed
+
+from .kafka_sink import OffsetCommitter, OutputPositions, OutputProducer, output_ends
+from .records import KafkaRecord, Output
+from .snapshots import Head, Snapshot, SnapshotConflict, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+class StreamProcessor(Protocol):
+    """Deterministic per-stream logic: same state and record in, same state and outputs out.
+
+    ``process`` may raise ``SchemaError`` for a bad record: the task sends it to the
+    dead-letter topic with the reason and goes on.
+    """
+
+    name: str
+
+    def initial_state(self, stream_id: str) -> Any: ...
+
+    def process(self, state: Any, record: KafkaRecord) -> tuple[Any, list[Output]]: ...
+
+    def encode_state(self, state: Any) -> bytes: ...
+
+    def decode_state(self, data: bytes) -> Any: ...
+
+
+@dataclass
+class _Slot:
+    state: Any
+    next_offset: int  # first offset of this partition not yet absorbed into ``state``
+    generation: int
+    head: Head | None
+    dirty: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The partition's commit record: where it stands, and where outputs stood then."""
+
+    generation: int
+    next_offset: int
+    outputs: OutputPositions = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {"generation": self.generation, "next_offset": self.next_offset,
+             "outputs": {t: {str(p): o for p, o in parts.items()} for t, parts in self.outputs.items()}},
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Progress:
+        raw = json.loads(data)
+        return cls(
+            int(raw["generation"]), int(raw["next_offset"]),
+            {t: {int(p): int(o) for p, o in parts.items()} for t, parts in raw.get("outputs", {}).items()},
+        )
+
+
+class ProgressConflict(RuntimeError):
+    """Another task instance committed this partition: this one is a zombie and must stop."""
+
+
+class PartitionTask:
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        processor: StreamProcessor,
+        snapshots: SnapshotStore,
+        progress_store: ObjectStore,
+        group: str,
+        producer: OutputProducer,
+        committer: OffsetCommitter,
+        dead_letter_topic: str,
+        commit_every: int = 1000,
+        commit_interval_s: float = 1.0,
+        io_threads: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.processor = processor
+        self.snapshots = snapshots
+        self.progress_store = progress_store
+        self.progress_key = f"tasks/{group}/{processor.name}/{topic}/{partition}/progress"
+        self.producer = producer
+        self.committer = committer
+        self.dead_letter_topic = dead_letter_topic
+        self.commit_every = commit_every
+        self.commit_interval_s = commit_interval_s
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix=f"snap-{partition}")
+        self._slots: dict[str, _Slot] = {}
+        self._uncommitted = 0
+        self._last_commit = clock()
+        self._position: int | None = None  # next offset after the last record seen
+        self.skipped = 0
+        self.dead_letters = 0
+        self.progress, self._progress_etag = self._load_progress()
+
+    @property
+    def source_offset_key(self) -> str:
+        return f"{self.topic}:{self.partition}"
+
+    # -- recovery -----------------------------------------------------------------------
+
+    def _load_progress(self) -> tuple[Progress, str | None]:
+        try:
+            data, etag = self.progress_store.get_with_etag(self.progress_key)
+            return Progress.from_bytes(data), etag
+        except ObjectNotFound:
+            return Progress(0, 0, {}), None
+
+    def recover_ledger(self, consumer_factory, output_topics: list[str]) -> int:
+        """Call once, before ``process``. A task that committed before suppresses the outputs
+        written since its last commit. A task's first run records where the output topics
+        end before it writes anything (progress generation 0), so that a crash before its
+        first commit still leaves a bounded window to read back."""
+        if self._progress_etag is None:
+            ends = output_ends(consumer_factory, output_topics)
+            self._write_progress(Progress(0, 0, ends))
+            return 0
+        return self.producer.load_ledger(consumer_factory, self.progress.outputs, output_topics)
+
+    def _slot(self, stream_id: str) -> _Slot:
+        slot = self._slots.get(stream_id)
+        if slot is not None:
+            return slot
+        snapshot, head = self.snapshots.load(stream_id)
+        if snapshot is None:
+            slot = _Slot(self.processor.initial_state(stream_id), 0, 0, None)
+        else:
+            slot = _Slot(
+                self.processor.decode_state(snapshot.state),
+                snapshot.next_offsets.get(self.source_offset_key, 0),
+                snapshot.generation,
+                head,
+            )
+        self._slots[stream_id] = slot
+        return slot
+
+    # -- processing -----------------------------------------------------------------------
+
+    def process(self, record: KafkaRecord) -> None:
+        """Absorb one record (in offset order) and produce its outputs; commit when due."""
+        if record.is_end_of_stream:
+            # Commit up to, not past, the marker: a run restarted after this commit must
+            # read the marker again to know where the replay ends.
+            self._position = record.offset
+            self.commit()
+            return
+        self._position = record.offset + 1
+        self._uncommitted += 1
+        stream_id = _stream_id(record)
+        if stream_id is None:
+            self._dead_letter(record, InvalidField("message key is missing or not a valid stream id", "key"))
+        else:
+            slot = self._slot(stream_id)
+            if record.offset < slot.next_offset:
+                self.skipped += 1  # absorbed before a restart
+            else:
+                try:
+                    slot.state, outputs = self.processor.process(slot.state, record)
+                except SchemaError as err:
+                    outputs = []
+                    self._dead_letter(record, err)
+                slot.next_offset = record.offset + 1
+                slot.dirty = True
+                for output in outputs:
+                    self.producer.send(output)
+        if self.commit_due():
+            self.commit()
+
+    def commit_due(self) -> bool:
+        return self._uncommitted >= self.commit_every or (
+            self._uncommitted > 0 and self.clock() - self._last_commit >= self.commit_interval_s
+        )
+
+    def _dead_letter(self, record: KafkaRecord, error: SchemaError) -> None:
+        letter = make_dead_letter(
+            error, source_topic=record.topic, source_partition=record.partition,
+            source_offset=record.offset, payload=record.value, key=record.key,
+        )
+        key = f"{record.topic}/{record.partition}/{record.offset}".encode()
+        self.producer.send(Output(self.dead_letter_topic, key, encode(letter)))
+        self.dead_letters += 1
+
+    # -- committing ------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Flush outputs, snapshot changed streams, then record progress and commit the offset."""
+        if self._position is None:
+            return
+        outputs = self.producer.flush()
+        dirty = [(sid, slot) for sid, slot in self._slots.items() if slot.dirty]
+        for (_, slot), head in zip(dirty, self._pool.map(self._save, dirty), strict=True):
+            slot.head, slot.dirty = head, False
+            slot.generation += 1
+        self._write_progress(Progress(self.progress.generation + 1, self._position, outputs))
+        self.committer.commit(self.topic, self.partition, self._position)
+        self._uncommitted = 0
+        self._last_commit = self.clock()
+
+    def _write_progress(self, progress: Progress) -> None:
+        data = progress.to_bytes()
+        try:
+            if self._progress_etag is None:
+                etag = self.progress_store.put(self.progress_key, data, if_none_match=True)
+            else:
+                etag = self.progress_store.put(self.progress_key, data, if_match=self._progress_etag)
+        except PreconditionFailed as err:
+            raise ProgressConflict(
+                f"partition {self.topic}:{self.partition} was committed by another task instance"
+            ) from err
+        self.progress, self._progress_etag = progress, etag
+
+    def _save(self, item: tuple[str, _Slot]) -> Head:
+        stream_id, slot = item
+        snapshot = Snapshot(
+            stream_id=stream_id,
+            processor=self.snapshots.processor,
+            generation=slot.generation + 1,
+            next_offsets={self.source_offset_key: slot.next_offset},
+            state=self.processor.encode_state(slot.state),
+        )
+        return self.snapshots.save(snapshot, slot.head)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def snapshot_namespace(group: str, processor: str) -> str:
+    """Snapshots belong to one application (consumer group) and one processor: the same
+    stream processed by two pipelines has two independent states."""
+    return f"{group}.{processor}"
+
+
+def _stream_id(record: KafkaRecord) -> str | None:
+    from streamvqa.schemas import ID_PATTERN
+
+    if record.key is None:
+        return None
+    try:
+        key = record.key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return key if ID_PATTERN.fullmatch(key) and ".." not in key else None
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What an ExactlyOnceDoFn needs to build its tasks on a worker (picklable)."""
+
+    kafka: dict[str, Any]
+    s3: Any  # S3Endpoint
+    bucket: str
+    group: str
+    output_topics: tuple[str, ...]
+    dead_letter_topic: str
+    commit_every: int = 1000
+    commit_interval_s: float = 1.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+class ExactlyOnceDoFn(beam.DoFn):
+    """Beam adapter: runs a PartitionTask per input partition of the records it receives.
+
+    The tasks are a cache of what the object store holds: a new DoFn instance (a
+    restart, a rebalance) rebuilds them from snapshots and progress records.
+    It emits nothing; its outputs go to Kafka through the task's producer.
+    """
+
+    def __init__(self, config: TaskConfig, processor_factory: Callable[[], StreamProcessor]) -> None:
+        self.config = config
+        self.processor_factory = processor_factory
+        self._tasks: dict[tuple[str, int], PartitionTask] = {}
+
+    def setup(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        c = self.config
+        self._producer = OutputProducer(
+            KafkaProducer(
+                **c.kafka, acks="all", enable_idempotence=True, linger_ms=5, batch_size=1 << 20,
+                max_request_size=c.max_message_bytes + 65536,
+            )
+        )
+        self._committer = OffsetCommitter(KafkaConsumer(**c.kafka, group_id=c.group, enable_auto_commit=False))
+        self._store = ObjectStore(c.s3, c.bucket)
+        self._processor = self.processor_factory()
+        self._snapshots = SnapshotStore(self._store, snapshot_namespace(c.group, self._processor.name))
+        self._tasks = {}
+
+    def _reader(self):
+        from kafka import KafkaConsumer
+
+        return KafkaConsumer(**self.config.kafka, group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=20,
+                             max_partition_fetch_bytes=self.config.max_message_bytes + 65536)
+
+    def _task(self, record: KafkaRecord) -> PartitionTask:
+        key = (record.topic, record.partition)
+        task = self._tasks.get(key)
+        if task is None:
+            task = PartitionTask(
+                record.topic, record.partition, self._processor, self._snapshots, self._store,
+                self.config.group, self._producer, self._committer, self.config.dead_letter_topic,
+                self.config.commit_every, self.config.commit_interval_s,
+            )
+            found = task.recover_ledger(self._reader, [*self.config.output_topics, self.config.dead_letter_topic])
+            if found:
+                log.info("partition %s:%s: %d outputs since the last commit", *key, found)
+            self._tasks[key] = task
+        return task
+
+    def process(self, record: KafkaRecord) -> Iterable[None]:
+        self._task(record).process(record)
+        return ()
+
+    def finish_bundle(self) -> None:
+        for task in self._tasks.values():
+            if task.commit_due():
+                task.commit()
+
+    def teardown(self) -> None:
+        for task in self._tasks.values():
+            task.close()
+        for closeable in (getattr(self, "_producer", None), getattr(self, "_committer", None)):
+            if closeable is not None:
+                closeable.close()
+
+
+__all__ = [
+    "ExactlyOnceDoFn",
+    "PartitionTask",
+    "Progress",
+    "ProgressConflict",
+    "SnapshotConflict",
+    "StreamProcessor",
+    "TaskConfig",
+]

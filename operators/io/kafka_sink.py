@@ -1,0 +1,180 @@
+"""Producing outputs so that a repeated write is recognised, and committing input offsets.
+
+``OutputProducer`` wraps an idempotent kafka-python producer. Every output has
+a deterministic key (the query id, or stream id + sequence number); after a
+restart the producer first reads back what was already written since the last
+commit (the *ledger*) and suppresses those keys, so re-processing the same
+inputs does not write them twice. This does not rely on Kafka transactions:
+the embedded broker shows aborted transactional records to read_committed
+consumers, so an aborted write would still be visible there.
+
+``OffsetCommitter`` commits an input partition's next offset to the consumer group.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.partitioner.default import murmur2
+from kafka.structs import OffsetAndMetadata
+
+from .records import Output
+
+OutputPositions = dict[str, dict[int, int]]  # topic -> partition -> next offset
+
+
+class ProduceFailed(RuntimeError):
+    """An output could not be written (after the producer's own retries)."""
+
+
+class OutputProducer:
+    def __init__(self, producer: KafkaProducer) -> None:
+        self._producer = producer
+        self._lock = threading.Lock()
+        self._positions: OutputPositions = {}
+        self._errors: list[BaseException] = []
+        self._suppress: set[tuple[str, bytes]] = set()
+        self._partitions: dict[str, list[int]] = {}
+        self.sent = 0
+        self.suppressed = 0
+
+    # -- writing ----------------------------------------------------------------------
+
+    def send(self, output: Output) -> bool:
+        """Produce ``output`` unless the ledger shows it was written already. True if sent."""
+        marker = (output.topic, output.key)
+        if marker in self._suppress:
+            self._suppress.discard(marker)
+            self.suppressed += 1
+            return False
+        future = self._producer.send(
+            output.topic, key=output.key, value=output.value, headers=list(output.headers),
+            partition=self._partition(output),
+        )
+        future.add_callback(self._acked)
+        future.add_errback(self._failed, output)
+        self.sent += 1
+        return True
+
+    def _partition(self, output: Output) -> int | None:
+        """The partition Kafka's default partitioner would give ``partition_key``."""
+        if output.partition_key is None:
+            return None
+        partitions = self._partitions.get(output.topic)
+        if partitions is None:
+            partitions = sorted(self._producer.partitions_for(output.topic))
+            self._partitions[output.topic] = partitions
+        return partitions[(murmur2(output.partition_key) & 0x7FFFFFFF) % len(partitions)]
+
+    def _acked(self, metadata) -> None:
+        with self._lock:
+            partitions = self._positions.setdefault(metadata.topic, {})
+            partitions[metadata.partition] = max(partitions.get(metadata.partition, 0), metadata.offset + 1)
+
+    def _failed(self, error: BaseException, output: Output) -> None:
+        with self._lock:
+            self._errors.append(ProduceFailed(f"writing {output.key!r} to {output.topic} failed: {error}"))
+
+    def flush(self, timeout_s: float = 60.0) -> OutputPositions:
+        """Block until every output sent so far is acknowledged; return the output positions."""
+        self._producer.flush(timeout=timeout_s)
+        with self._lock:
+            if self._errors:
+                error = self._errors[0]
+                self._errors.clear()
+                raise error
+            return {topic: dict(parts) for topic, parts in self._positions.items()}
+
+    # -- the ledger ---------------------------------------------------------------------
+
+    def load_ledger(
+        self, consumer_factory: Callable[[], KafkaConsumer], since: OutputPositions, topics: list[str]
+    ) -> int:
+        """Read every output written at or after ``since`` (from the start of partitions
+        ``since`` does not name) and suppress those keys. Returns how many keys were found."""
+        found = 0
+
+        def collect(tp: TopicPartition, messages) -> None:
+            nonlocal found
+            for message in messages:
+                if message.key is not None:
+                    self._suppress.add((tp.topic, bytes(message.key)))
+                    found += 1
+
+        _scan(consumer_factory, topics, since, collect)
+        return found
+
+    def close(self) -> None:
+        self._producer.close()
+
+
+def output_ends(consumer_factory: Callable[[], KafkaConsumer], topics: list[str]) -> OutputPositions:
+    """The current end offset of every partition of ``topics``, without reading them.
+
+    ListOffsets "latest" is wrong on the embedded broker; the high watermark that every
+    fetch response carries is right, so fetch one record per partition and read it there.
+    """
+    ends: OutputPositions = {}
+
+    def note(tp: TopicPartition, _messages) -> None:
+        pass
+
+    _scan(consumer_factory, topics, None, note, ends=ends)
+    return ends
+
+
+def _scan(consumer_factory, topics: list[str], since: OutputPositions | None, on_batch, ends=None) -> None:
+    """Read partitions of ``topics`` from ``since`` to their high watermark (``ends`` given:
+    only learn the high watermarks, into ``ends``)."""
+    consumer = consumer_factory()
+    try:
+        partitions = [TopicPartition(topic, p) for topic in topics
+                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        beginning = consumer.beginning_offsets(partitions)
+        for tp in partitions:
+            start = beginning[tp] if since is None else since.get(tp.topic, {}).get(tp.partition, 0)
+            consumer.seek(tp, max(start, beginning[tp]))
+        pending = set(partitions)
+        deadline = time.monotonic() + 30.0
+        while pending:
+            if time.monotonic() > deadline:
+                raise ProduceFailed(f"could not read outputs to their end: {sorted(map(str, pending))}")
+            batch = consumer.poll(timeout_ms=100, max_records=1 if ends is not None else 500)
+            for tp, messages in batch.items():
+                on_batch(tp, messages)
+            for tp in list(pending):
+                high = consumer.highwater(tp)
+                if high is None:
+                    continue
+                if ends is not None:
+                    ends.setdefault(tp.topic, {})[tp.partition] = int(high)
+                    pending.discard(tp)
+                elif consumer.position(tp) >= high:
+                    pending.discard(tp)
+    finally:
+        consumer.close()
+
+
+class OffsetCommitter:
+    """Commits input offsets to a consumer group (what the source resumes from, and what
+    lag tools read). The embedded broker drops commit metadata, so output positions are
+    kept in the task's progress record in the object store instead."""
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._consumer = consumer
+
+    def commit(self, topic: str, partition: int, next_offset: int) -> None:
+        self._consumer.commit({TopicPartition(topic, partition): OffsetAndMetadata(next_offset, None, -1)})
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        result = self._consumer.committed(TopicPartition(topic, partition))
+        return None if result is None or result < 0 else int(result)
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,49 @@
+"""Plain values that travel between the Kafka source, the processing task and the sinks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EOS_HEADER = "streamvqa-eos"
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """One consumed message, with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def is_end_of_stream(self) -> bool:
+        return any(name == EOS_HEADER for name, _ in self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRead:
+    """What the source reads: one partition, from ``start`` (None: the group's committed
+    offset, else the earliest) up to ``stop`` (exclusive; None: unbounded)."""
+
+    topic: str
+    partition: int
+    start: int | None = None
+    stop: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A message to produce. ``key`` must be deterministic and unique per logical output
+    (e.g. the query id): it is how a repeated write is recognised after a restart.
+    ``partition_key`` (e.g. the stream id) picks the partition instead of ``key``, so that
+    one stream's outputs stay in order in one partition."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    partition_key: bytes | None = None

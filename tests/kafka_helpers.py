@@ -1,0 +1,43 @@
+"""Helpers shared by the Kafka IO tests (real broker from the session fixture)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from kafka.admin import NewTopic
+from streamvqa.operators.io.records import EOS_HEADER
+from streamvqa.schemas import Frame, encode
+
+from streamvqa import connect
+
+
+def new_topics(settings, endpoints, *names: str, partitions: int = 3) -> list[str]:
+    """Create uniquely named topics for one test; returns their names in order."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = [f"t.{name}.{suffix}" for name in names]
+    admin = connect.admin(settings, endpoints)
+    try:
+        admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+    finally:
+        admin.close()
+    return topics
+
+
+def frame_bytes(stream_id: str, seq: int, size: int = 64) -> bytes:
+    payload = b"\xff\xd8" + os.urandom(max(0, size - 4)) + b"\xff\xd9"
+    return encode(Frame(stream_id=stream_id, seq=seq, pts_us=seq * 40_000, codec="jpeg",
+                        width=16, height=16, payload=payload))
+
+
+def send_end_of_stream(producer, topic: str, partitions: int = 3) -> None:
+    for partition in range(partitions):
+        producer.send(topic, partition=partition, value=b"", headers=[(EOS_HEADER, b"1")])
+
+
+def read_all(settings, endpoints, topic: str, timeout_ms: int = 3000) -> list:
+    consumer = connect.consumer(settings, endpoints, topic, group_id=None, consumer_timeout_ms=timeout_ms)
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()

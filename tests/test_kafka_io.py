@@ -1,0 +1,224 @@
+"""Kafka source and sinks for Beam, on the embedded broker and object store."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from kafka import KafkaConsumer
+from streamvqa.operators.io.exactly_once import PartitionTask, ProgressConflict, snapshot_namespace
+from streamvqa.operators.io.kafka_sink import OffsetCommitter, OutputProducer
+from streamvqa.operators.io.kafka_source import ReadFromKafka, SourceConfig
+from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.io.snapshots import CorruptSnapshot, Snapshot, SnapshotConflict, SnapshotStore
+from streamvqa.pipelines import passthrough
+from streamvqa.pipelines.passthrough import PassThroughProcessor
+from streamvqa.schemas import DeadLetter, decode
+
+from streamvqa import connect
+from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_stream
+
+pytestmark = pytest.mark.stack
+
+
+class _Collect(beam.DoFn):
+    """Collects (partition, offset, key, value, timestamp) into a list shared by the test."""
+
+    sink: ClassVar[list] = []
+
+    def process(self, record, timestamp=beam.DoFn.TimestampParam):
+        _Collect.sink.append((record.partition, record.offset, record.key, record.value, float(timestamp)))
+
+
+def _run_source(settings, endpoints, topics, **kwargs) -> list:
+    _Collect.sink = []
+    config = SourceConfig(client=connect.kafka_config(settings, endpoints), **kwargs.pop("config", {}))
+    with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(streaming=True)) as p:
+        p | ReadFromKafka(config, topics, **kwargs) | beam.ParDo(_Collect())
+    return list(_Collect.sink)
+
+
+def test_source_delivers_each_partition_in_order_and_stops_at_stop_offsets(stack_settings, endpoints) -> None:
+    (topic,) = new_topics(stack_settings, endpoints, "order")
+    producer = connect.producer(stack_settings, endpoints)
+    sent = {}
+    for i in range(60):
+        meta = producer.send(topic, key=b"s%d" % (i % 7), value=b"%d" % i, timestamp_ms=1_700_000_000_000 + i).get(10)
+        sent.setdefault(meta.partition, []).append(meta.offset)
+    producer.close()
+    stops = {(topic, p): offsets[-1] + 1 for p, offsets in sent.items()}
+    got = _run_source(stack_settings, endpoints, [topic], stop_offsets=stops)
+    for partition, offsets in sent.items():
+        mine = [row for row in got if row[0] == partition]
+        assert [row[1] for row in mine] == offsets  # all, once, in offset order
+        stamps = [row[4] for row in mine]
+        assert stamps == sorted(stamps)  # element timestamps = record timestamps
+        assert stamps[0] == pytest.approx(1_700_000_000 + int(mine[0][3]) / 1000)
+
+
+def test_source_resumes_from_given_and_committed_offsets(stack_settings, endpoints) -> None:
+    (topic,) = new_topics(stack_settings, endpoints, "resume", partitions=1)
+    producer = connect.producer(stack_settings, endpoints)
+    for i in range(20):
+        producer.send(topic, key=b"k", value=b"%d" % i)
+    send_end_of_stream(producer, topic, partitions=1)
+    producer.flush()
+    producer.close()
+
+    given = _run_source(stack_settings, endpoints, [topic], start_offsets={(topic, 0): 15})
+    assert [int(row[3]) for row in given] == [15, 16, 17, 18, 19]  # the marker is not emitted
+
+    group = f"resume-{topic}"
+    committer = OffsetCommitter(KafkaConsumer(**connect.kafka_config(stack_settings, endpoints), group_id=group))
+    committer.commit(topic, 0, 12)
+    assert committer.committed(topic, 0) == 12
+    committer.close()
+    committed = _run_source(stack_settings, endpoints, [topic], config={"group_id": group})
+    assert [int(row[3]) for row in committed] == list(range(12, 20))
+
+
+def test_output_producer_suppresses_what_the_ledger_already_holds(stack_settings, endpoints) -> None:
+    (out,) = new_topics(stack_settings, endpoints, "ledger")
+    first = OutputProducer(connect.producer(stack_settings, endpoints))
+    for i in range(10):
+        first.send(Output(out, b"k%d" % i, b"v"))
+    positions = first.flush()
+    first.close()
+    second = OutputProducer(connect.producer(stack_settings, endpoints))
+    found = second.load_ledger(lambda: connect.consumer(stack_settings, endpoints, group_id=None), {}, [out])
+    assert found == 10
+    sent = [second.send(Output(out, b"k%d" % i, b"v")) for i in range(5, 15)]
+    second.flush()
+    second.close()
+    assert sent == [False] * 5 + [True] * 5
+    keys = sorted(m.key for m in read_all(stack_settings, endpoints, out))
+    assert keys == sorted(b"k%d" % i for i in range(15))
+    # A ledger read from recorded positions only sees what came after them.
+    third = OutputProducer(connect.producer(stack_settings, endpoints))
+    assert third.load_ledger(lambda: connect.consumer(stack_settings, endpoints, group_id=None),
+                             {out: positions[out]}, [out]) == 5
+    third.close()
+
+
+def test_snapshots_are_compare_and_set_and_stream_checked(stack_settings, endpoints) -> None:
+    store = connect.object_store(stack_settings, endpoints)
+    snapshots = SnapshotStore(store, "unit")
+    assert snapshots.load("snap-a") == (None, None)
+    head1 = snapshots.save(Snapshot("snap-a", "unit", 1, {"t:0": 5}, b"state-1"), None)
+    loaded, head = snapshots.load("snap-a")
+    assert loaded.state == b"state-1" and loaded.next_offsets == {"t:0": 5} and head == head1
+    head2 = snapshots.save(Snapshot("snap-a", "unit", 2, {"t:0": 9}, b"state-2"), head1)
+    with pytest.raises(SnapshotConflict):  # a zombie still holding head1
+        snapshots.save(Snapshot("snap-a", "unit", 2, {"t:0": 7}, b"zombie"), head1)
+    assert snapshots.load("snap-a")[0].state == b"state-2"
+    assert not store.contains(head1.blob_key)  # the superseded blob is gone
+    assert store.contains(head2.blob_key)
+    # A HEAD crafted to point at another stream's blob is refused.
+    snapshots.save(Snapshot("snap-b", "unit", 1, {}, b"b-state"), None)
+    b_blob = snapshots.load("snap-b")[1].blob_key
+    store.put("streams/snap-c/snapshots/unit/HEAD", b'{"generation": 1, "blob": "%s"}' % b_blob.encode())
+    with pytest.raises(CorruptSnapshot, match="outside its prefix"):
+        snapshots.load("snap-c")
+
+
+def _task(settings, endpoints, topic, out, group, producer, **kwargs) -> PartitionTask:
+    store = connect.object_store(settings, endpoints)
+    committer = OffsetCommitter(KafkaConsumer(**connect.kafka_config(settings, endpoints), group_id=group))
+    task = PartitionTask(topic, 0, PassThroughProcessor(out), SnapshotStore(store, snapshot_namespace(group, "passthrough")), store,
+                         group, producer, committer, settings.topics.dead_letter, **kwargs)
+    task.recover_ledger(lambda: connect.consumer(settings, endpoints, group_id=None, fetch_max_wait_ms=20), [out])
+    return task
+
+
+def _record(topic: str, offset: int, stream: str, seq: int) -> KafkaRecord:
+    return KafkaRecord(topic, 0, offset, stream.encode(), frame_bytes(stream, seq), 0)
+
+
+def test_task_crash_between_commits_gives_each_output_once(stack_settings, endpoints) -> None:
+    topic, out = new_topics(stack_settings, endpoints, "task-in", "task-out", partitions=1)
+    group = f"g-{topic}"
+    records = [_record(topic, i, f"st{i % 3}", i // 3) for i in range(40)]
+
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    task = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=15, commit_interval_s=1e9)
+    for record in records[:25]:  # commits after 15; 10 more absorbed, produced, not committed
+        task.process(record)
+    producer.flush()
+    producer.close()  # "crash": the in-memory states of the last 10 records are lost
+    assert task.progress.next_offset == 15
+
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    task = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=15, commit_interval_s=1e9)
+    for record in records[task.progress.next_offset:]:  # the source resumes at the commit
+        task.process(record)
+    task.commit()
+    producer.close()
+    assert producer.suppressed == 10
+    keys = [m.key for m in read_all(stack_settings, endpoints, out)]
+    assert sorted(keys) == sorted(f"st{i % 3}:{i // 3}".encode() for i in range(40))
+
+
+def test_zombie_task_is_fenced(stack_settings, endpoints) -> None:
+    topic, out = new_topics(stack_settings, endpoints, "zombie-in", "zombie-out", partitions=1)
+    group = f"g-{topic}"
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    old = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=1000, commit_interval_s=1e9)
+    new = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=1000, commit_interval_s=1e9)
+    new.process(_record(topic, 0, "z", 0))
+    new.commit()
+    old.process(_record(topic, 0, "z2", 0))
+    with pytest.raises(ProgressConflict):
+        old.commit()
+    producer.close()
+
+
+def test_passthrough_pipeline_drops_duplicates_dead_letters_garbage_and_goes_on(stack_settings, endpoints) -> None:
+    topic, out = new_topics(stack_settings, endpoints, "pt-in", "pt-out")
+    producer = connect.producer(stack_settings, endpoints)
+    for seq in range(20):
+        for stream in ("cam-a", "cam-b"):
+            producer.send(topic, key=stream.encode(), value=frame_bytes(stream, seq))
+        if seq == 7:
+            producer.send(topic, key=b"cam-a", value=frame_bytes("cam-a", 3))  # duplicate seq
+            producer.send(topic, key=b"cam-b", value=b"\x00not arrow")  # malformed
+            producer.send(topic, key=b"../etc", value=frame_bytes("cam-a", 99))  # bad key
+    send_end_of_stream(producer, topic)
+    producer.flush()
+    producer.close()
+    passthrough.run(stack_settings, topic, out, f"g-{topic}", commit_every=8)
+    keys = sorted(m.key for m in read_all(stack_settings, endpoints, out))
+    assert keys == sorted(f"{s}:{q}".encode() for q in range(20) for s in ("cam-a", "cam-b"))
+    letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
+               if m.value and decode(m.value, DeadLetter).source_topic == topic]
+    assert sorted(letter.reason for letter in letters) == ["invalid_field", "malformed"]
+    assert all(letter.payload_size > 0 for letter in letters)
+
+
+def test_decode_or_dead_letter_and_write_to_kafka(stack_settings, endpoints) -> None:
+    from streamvqa.operators.io.transforms import DEAD_LETTER, DecodeOrDeadLetter, WriteToKafka
+    from streamvqa.schemas import Frame
+
+    topic, out, dlq = new_topics(stack_settings, endpoints, "dec-in", "dec-out", "dec-dlq")
+    producer = connect.producer(stack_settings, endpoints)
+    for seq in range(6):
+        producer.send(topic, key=b"cam", value=frame_bytes("cam", seq))
+    producer.send(topic, key=b"cam", value=frame_bytes("cam", 6)[:-30])  # truncated
+    send_end_of_stream(producer, topic)
+    producer.flush()
+    producer.close()
+    kafka = connect.kafka_config(stack_settings, endpoints)
+    for _ in range(2):  # the second run re-reads everything; the ledger keeps outputs single
+        with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(streaming=True)) as p:
+            decoded = (p | ReadFromKafka(SourceConfig(client=kafka), [topic])
+                       | beam.ParDo(DecodeOrDeadLetter(Frame, dlq)).with_outputs(DEAD_LETTER, main="frames"))
+            (decoded.frames
+             | beam.Map(lambda f: Output(out, f"{f.stream_id}:{f.seq}".encode(), b"%d" % f.width))
+             | "Out" >> WriteToKafka(kafka, ledger_topics=(out,)))
+            decoded[DEAD_LETTER] | "DLQ" >> WriteToKafka(kafka, ledger_topics=(dlq,))
+    assert sorted(m.key for m in read_all(stack_settings, endpoints, out)) == [b"cam:%d" % i for i in range(6)]
+    letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, dlq)]
+    assert [letter.reason for letter in letters] == ["truncated"]
+    assert letters[0].source_topic == topic and letters[0].source_offset == 6
