@@ -5,12 +5,11 @@ sequence numbers and sending malformed messages to the dead-letter topic. The
 IO, state and commit machinery is the one every streamvqa pipeline uses; the
 chaos test and the IO benchmark run it.
 
-    python -m streamvqa.pipelines.passthrough --input T --output O --group G [--data-dir D]
+    streamvqa run passthrough --input T --output O --group G [--data-dir D]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 
@@ -72,21 +71,3 @@ def build(pipeline: beam.Pipeline, settings: Settings, input_topic: str, output_
 def run(settings: Settings, input_topic: str, output_topic: str, group: str, **kwargs) -> None:
     with beam.Pipeline(runner=make_runner(settings), options=pipeline_options(settings)) as pipeline:
         build(pipeline, settings, input_topic, output_topic, group, **kwargs)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--group", required=True)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--commit-every", type=int, default=1000)
-    parser.add_argument("--commit-interval", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
-    run(settings, args.input, args.output, args.group,
-        commit_every=args.commit_every, commit_interval_s=args.commit_interval)
-
-
-if __name__ == "__main__":
-    main()

@@ -19,6 +19,9 @@ app = typer.Typer(help="streamvqa: streaming video question answering.", no_args
 services = typer.Typer(help="The embedded local stack: Tansu (Kafka protocol) + SeaweedFS (S3).",
                        no_args_is_help=True)
 app.add_typer(services, name="services")
+run_app = typer.Typer(help="Run a Beam pipeline (FnApiRunner locally; runner settings for a cluster).",
+                      no_args_is_help=True)
+app.add_typer(run_app, name="run")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -107,6 +110,25 @@ def demo(
         raise _fail(err) from err
     if not report.ok:
         raise typer.Exit(1)
+
+
+@run_app.command("passthrough")
+def run_passthrough(
+    input_topic: Annotated[str, typer.Option("--input", help="Topic of Frame messages to read.")],
+    output_topic: Annotated[str, typer.Option("--output", help="Topic to write them to.")],
+    group: Annotated[str, typer.Option(help="Consumer group / application id (names the state).")],
+    data_dir: DataDir = None,
+    commit_every: Annotated[int, typer.Option(min=1)] = 1000,
+    commit_interval: Annotated[float, typer.Option(min=0.01)] = 1.0,
+) -> None:
+    """Frames from one topic to another, exactly once, duplicates dropped, bad input dead-lettered."""
+    from streamvqa.pipelines import passthrough
+
+    try:
+        passthrough.run(_settings(data_dir), input_topic, output_topic, group,
+                        commit_every=commit_every, commit_interval_s=commit_interval)
+    except StackError as err:
+        raise _fail(err) from err
 
 
 @app.command()
