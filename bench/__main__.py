@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "stack": "bench.stack_throughput",
     "passthrough": "bench.kafka_passthrough",
+    "curvature": "bench.curvature_eval",
 }
 
 
