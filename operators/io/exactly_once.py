@@ -209,6 +209,9 @@ class PartitionTask:
         if self.commit_due():
             self.commit()
 
+    def has_uncommitted(self) -> bool:
+        return self._uncommitted > 0
+
     def commit_due(self) -> bool:
         return self._uncommitted >= self.commit_every or (
             self._uncommitted > 0 and self.clock() - self._last_commit >= self.commit_interval_s
@@ -356,8 +359,10 @@ class ExactlyOnceDoFn(beam.DoFn):
         return ()
 
     def finish_bundle(self) -> None:
+        # A bundle is finished only when what it did is durable: Beam may hand the next
+        # bundle of a partition to another worker, or end the pipeline, right after.
         for task in self._tasks.values():
-            if task.commit_due():
+            if task.has_uncommitted():
                 task.commit()
 
     def teardown(self) -> None:
