@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from kafka import TopicPartition
 from rich.console import Console
 from streamvqa.schemas import DeadLetter, Frame, decode
 
@@ -11,6 +10,7 @@ from streamvqa import connect
 from streamvqa.demo import run_demo
 from streamvqa.settings import Settings
 from streamvqa.storage.keys import content_hash
+from tests.kafka_helpers import read_all
 
 pytestmark = pytest.mark.stack
 
@@ -22,18 +22,9 @@ def test_demo_round_trips_real_frames_and_dead_letters_the_corrupt_one(stack_set
     assert report.dead_letters and report.dead_letters[0].startswith("invalid_field")
 
     # The dead letter is on the topic, decodable, and points back at the bad message.
-    consumer = connect.consumer(stack_settings, endpoints, group_id=None)
-    topic = stack_settings.topics.dead_letter
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    letters = []
-    for _ in range(10):
-        for messages in consumer.poll(timeout_ms=500).values():
-            letters += [decode(m.value, DeadLetter) for m in messages if m.key == report.stream_id.encode()]
-        if letters:
-            break
-    consumer.close()
+    letters = [decode(m.value, DeadLetter)
+               for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
+               if m.key == report.stream_id.encode()]
     assert len(letters) == 1
     letter = letters[0]
     assert letter.source_topic == stack_settings.topics.frames
@@ -52,22 +43,9 @@ def test_demo_round_trips_real_frames_and_dead_letters_the_corrupt_one(stack_set
 
 def test_demo_frames_on_the_topic_are_valid_frame_records(stack_settings: Settings, endpoints) -> None:
     report = run_demo(stack_settings, frames=3, video="carphone_pristine.mp4", console=Console(quiet=True))
-    consumer = connect.consumer(stack_settings, endpoints, group_id=None)
-    topic = stack_settings.topics.frames
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    frames = []
-    for _ in range(20):
-        for messages in consumer.poll(timeout_ms=500).values():
-            for m in messages:
-                if m.key == report.stream_id.encode():
-                    try:
-                        frames.append(decode(m.value, Frame))
-                    except ValueError:
-                        pass  # the deliberately corrupt frame
-        if len(frames) == 3:
-            break
-    consumer.close()
+    mine = [m.value for m in read_all(stack_settings, endpoints, stack_settings.topics.frames)
+            if m.key == report.stream_id.encode()]
+    assert len(mine) == 4  # 3 frames and the deliberately corrupt one, last
+    frames = [decode(value, Frame) for value in mine[:3]]
     assert [(f.seq, f.width, f.height, f.codec) for f in frames] == [(i, 176, 144, "jpeg") for i in range(3)]
     assert frames[0].pts_us < frames[1].pts_us < frames[2].pts_us
