@@ -222,3 +222,24 @@ def test_decode_or_dead_letter_and_write_to_kafka(stack_settings, endpoints) -> 
     letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, dlq)]
     assert [letter.reason for letter in letters] == ["truncated"]
     assert letters[0].source_topic == topic and letters[0].source_offset == 6
+
+
+def test_progress_keeps_positions_of_partitions_not_written_since(stack_settings, endpoints) -> None:
+    (topic,) = new_topics(stack_settings, endpoints, "pos-in", partitions=1)
+    (out,) = new_topics(stack_settings, endpoints, "pos-out", partitions=3)
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    for i in range(5):  # history in every output partition, written by someone else
+        producer.send(Output(out, b"old-%d" % i, b"x"))
+    producer.flush()
+    producer.close()
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    task = _task(stack_settings, endpoints, topic, out, f"g-{topic}", producer, commit_every=1000, commit_interval_s=1e9)
+    ends = task.progress.outputs[out]
+    assert set(ends) == {0, 1, 2} and sum(ends.values()) == 5  # generation 0: where outputs ended
+    for seq in range(3):
+        task.process(_record(topic, seq, "one-stream", seq))  # all to one partition
+    task.commit()
+    producer.close()
+    positions = task.progress.outputs[out]
+    assert set(positions) == {0, 1, 2}
+    assert sum(positions.values()) == 5 + 3

@@ -237,7 +237,9 @@ class PartitionTask:
         for (_, slot), head in zip(dirty, self._pool.map(self._save, dirty), strict=True):
             slot.head, slot.dirty = head, False
             slot.generation += 1
-        self._write_progress(Progress(self.progress.generation + 1, self._position, outputs))
+        self._write_progress(
+            Progress(self.progress.generation + 1, self._position, _merge(self.progress.outputs, outputs))
+        )
         self.committer.commit(self.topic, self.partition, self._position)
         self._uncommitted = 0
         self._last_commit = self.clock()
@@ -268,6 +270,18 @@ class PartitionTask:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _merge(old: OutputPositions, new: OutputPositions) -> OutputPositions:
+    """Positions of every partition known before, moved forward where this task wrote since:
+    a partition the producer has not written to keeps its position (and is not read back
+    from its beginning after a restart)."""
+    merged = {topic: dict(parts) for topic, parts in old.items()}
+    for topic, parts in new.items():
+        for partition, offset in parts.items():
+            target = merged.setdefault(topic, {})
+            target[partition] = max(target.get(partition, 0), offset)
+    return merged
 
 
 def snapshot_namespace(group: str, processor: str) -> str:
