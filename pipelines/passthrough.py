@@ -54,7 +54,7 @@ def build(pipeline: beam.Pipeline, settings: Settings, input_topic: str, output_
           commit_every: int = 1000, commit_interval_s: float = 1.0) -> None:
     endpoints = connect.resolve_endpoints(settings)
     kafka = connect.kafka_config(settings, endpoints)
-    source = SourceConfig(client=kafka, group_id=group, emit_end_of_stream=True)
+    source = SourceConfig(client=kafka, group_id=group, emit_end_of_stream=True, batch=True)
     task = TaskConfig(
         kafka=kafka, s3=endpoints.s3, bucket=settings.s3.bucket, group=group,
         output_topics=(output_topic,), dead_letter_topic=settings.topics.dead_letter,

@@ -29,8 +29,12 @@ class _Collect(beam.DoFn):
 
     sink: ClassVar[list] = []
 
-    def process(self, record, timestamp=beam.DoFn.TimestampParam):
-        _Collect.sink.append((record.partition, record.offset, record.key, record.value, float(timestamp)))
+    def process(self, element, timestamp=beam.DoFn.TimestampParam):
+        for record in getattr(element, "records", (element,)):  # a KafkaBatch or one record
+            stamp = float(timestamp) if not hasattr(element, "records") else record.timestamp_ms / 1000
+            _Collect.sink.append((record.partition, record.offset, record.key, record.value, stamp))
+        if hasattr(element, "records"):
+            assert float(timestamp) == max(r.timestamp_ms for r in element.records) / 1000
 
 
 def _run_source(settings, endpoints, topics, **kwargs) -> list:
@@ -41,7 +45,8 @@ def _run_source(settings, endpoints, topics, **kwargs) -> list:
     return list(_Collect.sink)
 
 
-def test_source_delivers_each_partition_in_order_and_stops_at_stop_offsets(stack_settings, endpoints) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["records", "batches"])
+def test_source_delivers_each_partition_in_order_and_stops_at_stop_offsets(stack_settings, endpoints, batch) -> None:
     (topic,) = new_topics(stack_settings, endpoints, "order")
     producer = connect.producer(stack_settings, endpoints)
     sent = {}
@@ -50,7 +55,7 @@ def test_source_delivers_each_partition_in_order_and_stops_at_stop_offsets(stack
         sent.setdefault(meta.partition, []).append(meta.offset)
     producer.close()
     stops = {(topic, p): offsets[-1] + 1 for p, offsets in sent.items()}
-    got = _run_source(stack_settings, endpoints, [topic], stop_offsets=stops)
+    got = _run_source(stack_settings, endpoints, [topic], stop_offsets=stops, config={"batch": batch})
     for partition, offsets in sent.items():
         mine = [row for row in got if row[0] == partition]
         assert [row[1] for row in mine] == offsets  # all, once, in offset order

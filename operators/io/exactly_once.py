@@ -37,7 +37,7 @@ from streamvqa.schemas import InvalidField, SchemaError, encode, make_dead_lette
 from streamvqa.storage.object_store import ObjectNotFound, ObjectStore, PreconditionFailed
 
 from .kafka_sink import OffsetCommitter, OutputPositions, OutputProducer, output_ends
-from .records import KafkaRecord, Output
+from .records import KafkaBatch, KafkaRecord, Output
 from .snapshots import Head, Snapshot, SnapshotConflict, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -368,8 +368,12 @@ class ExactlyOnceDoFn(beam.DoFn):
             self._tasks[key] = task
         return task
 
-    def process(self, record: KafkaRecord) -> Iterable[None]:
-        self._task(record).process(record)
+    def process(self, element: KafkaRecord | KafkaBatch) -> Iterable[None]:
+        records = element.records if isinstance(element, KafkaBatch) else (element,)
+        if records:
+            task = self._task(records[0])
+            for record in records:
+                task.process(record)
         return ()
 
     def finish_bundle(self) -> None:

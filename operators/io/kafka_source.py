@@ -31,7 +31,7 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from .records import KafkaRecord, PartitionRead
+from .records import KafkaBatch, KafkaRecord, PartitionRead
 
 UNBOUNDED = 2**63 - 1
 
@@ -49,6 +49,7 @@ class SourceConfig:
     idle_watermark_lag_s: float | None = 5.0  # None: hold the watermark while idle
     max_fetch_bytes: int = 17 * 1024 * 1024
     emit_end_of_stream: bool = False  # pass the end-of-stream record on (tasks commit on it)
+    batch: bool = False  # emit a KafkaBatch per poll instead of a KafkaRecord per message
     extra: dict[str, Any] = field(default_factory=dict)
 
     def consumer(self, with_group: bool = False):
@@ -151,9 +152,12 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
             batch = self._poll(consumer, tp)
             if not batch:
                 break
+            records: list[KafkaRecord] = []
+            done = False
             for message in batch:
                 if not tracker.try_claim(message.offset):
-                    return
+                    done = True  # the runner split the restriction here
+                    break
                 record = KafkaRecord(
                     topic=message.topic,
                     partition=message.partition,
@@ -165,11 +169,15 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
                 )
                 if record.is_end_of_stream or message.offset + 1 >= restriction.stop:
                     if not record.is_end_of_stream or self.config.emit_end_of_stream:
-                        yield self._stamped(record, watermark)
+                        records.append(record)
                     tracker.try_claim(restriction.stop)  # marks the restriction done
-                    return
-                yield self._stamped(record, watermark)
-                emitted += 1
+                    done = True
+                    break
+                records.append(record)
+            yield from self._emit(records, watermark)
+            emitted += len(records)
+            if done:
+                return
 
         key = (element.topic, element.partition)
         if emitted:
@@ -196,10 +204,22 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
         if current is None or candidate > current:
             watermark.set_watermark(candidate)
 
-    def _stamped(self, record: KafkaRecord, watermark) -> beam.window.TimestampedValue:
-        stamp = Timestamp.of(record.timestamp_ms / 1000.0)
-        self._advance(watermark, stamp)
-        return beam.window.TimestampedValue(record, stamp)
+    def _emit(self, records: list[KafkaRecord], watermark) -> Iterator[beam.window.TimestampedValue]:
+        """One element per record, or one KafkaBatch per poll (``config.batch``): Beam's
+        per-element cost then falls on a batch, not on every message."""
+        if not records:
+            return
+        if self.config.batch:
+            stamp = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
+            self._advance(watermark, stamp)
+            yield beam.window.TimestampedValue(
+                KafkaBatch(records[0].topic, records[0].partition, tuple(records)), stamp
+            )
+            return
+        for record in records:
+            stamp = Timestamp.of(record.timestamp_ms / 1000.0)
+            self._advance(watermark, stamp)
+            yield beam.window.TimestampedValue(record, stamp)
 
 
 class _PartitionsOf(beam.DoFn):

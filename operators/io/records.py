@@ -25,6 +25,15 @@ class KafkaRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class KafkaBatch:
+    """Consecutive records of one partition, in offset order (the source's batch mode)."""
+
+    topic: str
+    partition: int
+    records: tuple[KafkaRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PartitionRead:
     """What the source reads: one partition, from ``start`` (None: the group's committed
     offset, else the earliest) up to ``stop`` (exclusive; None: unbounded)."""
