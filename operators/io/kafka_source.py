@@ -15,7 +15,10 @@ service cannot run here), so streamvqa reads Kafka itself:
 - bounded polling: a bundle ends after ``max_bundle_records`` or
   ``max_bundle_seconds``; an idle partition defers with exponential backoff;
 - a clean end: a stop offset, or a record carrying the end-of-stream header
-  (used by tests and file replays).
+  (used by tests and file replays);
+- one element per record (KafkaRecord), or with ``batch=True`` one element per
+  poll (KafkaBatch, consecutive records of one partition) so that Beam's
+  per-element cost is paid per batch.
 """
 
 from __future__ import annotations
