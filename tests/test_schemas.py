@@ -146,7 +146,7 @@ def queries(draw) -> Query:
 def spans(draw) -> EvidenceSpan:
     start = draw(st.integers(0, 2**62))
     return EvidenceSpan(
-        start_us=start, end_us=start + draw(st.integers(0, 2**62)), score=draw(finite)
+        start_us=start, end_us=start + draw(st.integers(0, 2**63 - 1 - start)), score=draw(finite)
     )
 
 
@@ -193,7 +193,7 @@ def manifest_blocks(draw) -> ManifestBlock:
     return ManifestBlock(
         block_index=draw(counters),
         start_us=start,
-        end_us=start + draw(st.integers(0, 2**62)),
+        end_us=start + draw(st.integers(0, 2**63 - 1 - start)),  # stays within int64
         tier=draw(st.sampled_from(["gpu", "cpu", "disk", "object"])),
         nbytes=draw(counters),
         key=draw(object_keys),
