@@ -13,10 +13,17 @@ import pytest
 for _name in [name for name in os.environ if name.startswith("STREAMVQA_")]:
     del os.environ[_name]
 
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 from streamvqa.infra.local.stack import LocalStack  # noqa: E402
 
 from streamvqa import connect  # noqa: E402
 from streamvqa.settings import Settings  # noqa: E402
+
+# CI runs the same examples every time (a red CI must be reproducible); developers'
+# runs keep drawing new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)
