@@ -9,6 +9,7 @@ BENCHMARKS = {
     "stack": "bench.stack_throughput",
     "passthrough": "bench.kafka_passthrough",
     "curvature": "bench.curvature_eval",
+    "stc": "bench.stc_eval",
 }
 
 

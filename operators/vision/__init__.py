@@ -38,3 +38,13 @@ __all__ = [
     "preprocess_frames",
     "register_encoder",
 ]
+
+# The STC backends come last: they build on the modules above (and stc_cache registers
+# the "stc-dinov2-s-imgfocus" encoder).
+from .stc_cache import FrameStats, STCCacheConfig, STCCachedEncoder, STCCacheState
+from .stc_prune import PrunedFrame, STCPruneConfig, STCPruner, STCPruneState
+
+__all__ += [
+    "FrameStats", "PrunedFrame", "STCCacheConfig", "STCCacheState", "STCCachedEncoder",
+    "STCPruneConfig", "STCPruneState", "STCPruner",
+]
