@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import apache_beam as beam
 from streamvqa.schemas import InvalidField, SchemaError, encode, make_dead_letter
 
+from streamvqa.storage.keys import valid_stream_id
 from streamvqa.storage.object_store import ObjectNotFound, ObjectStore, PreconditionFailed
 
 from .kafka_sink import OffsetCommitter, OutputPositions, OutputProducer, output_ends
@@ -291,15 +292,13 @@ def snapshot_namespace(group: str, processor: str) -> str:
 
 
 def _stream_id(record: KafkaRecord) -> str | None:
-    from streamvqa.schemas import ID_PATTERN
-
     if record.key is None:
         return None
     try:
         key = record.key.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return key if ID_PATTERN.fullmatch(key) and ".." not in key else None
+    return key if valid_stream_id(key) else None
 
 
 @dataclass(frozen=True)

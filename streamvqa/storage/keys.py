@@ -9,10 +9,10 @@ without a content hash).
 from __future__ import annotations
 
 import hashlib
-import re
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from streamvqa.schemas import ID_PATTERN
+
+_PART_RE = ID_PATTERN  # key parts follow the same rule as ids
 
 
 def content_hash(data: bytes) -> str:
@@ -20,8 +20,13 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def valid_stream_id(stream_id: str) -> bool:
+    """Ids of the schemas' pattern, and never ``..``: they become one key segment."""
+    return ID_PATTERN.fullmatch(stream_id) is not None and ".." not in stream_id
+
+
 def stream_prefix(stream_id: str) -> str:
-    if not _ID_RE.match(stream_id) or ".." in stream_id:
+    if not valid_stream_id(stream_id):
         raise ValueError(f"invalid stream id {stream_id!r}")
     return f"streams/{stream_id}/"
 
@@ -29,7 +34,7 @@ def stream_prefix(stream_id: str) -> str:
 def object_key(stream_id: str, kind: str, name: str, data: bytes) -> str:
     """The key of ``data`` (a frame, a KV block, a snapshot) of one stream."""
     for label, part in (("kind", kind), ("name", name)):
-        if not _PART_RE.match(part) or ".." in part:
+        if not _PART_RE.fullmatch(part) or ".." in part:
             raise ValueError(f"invalid key {label} {part!r}")
     return f"{stream_prefix(stream_id)}{kind}/{name}-{content_hash(data)[:16]}"
 
