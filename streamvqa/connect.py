@@ -44,7 +44,7 @@ def resolve_endpoints(settings: Settings) -> Endpoints:
             secure=settings.s3.secure,
         )
     else:
-        s3 = s3_endpoint_for(settings.stack_dir, state, settings.s3.region)  # type: ignore[arg-type]
+        s3 = s3_endpoint_for(settings.stack_dir, state.s3_port, settings.s3.region)  # type: ignore[union-attr]
     return Endpoints(bootstrap, s3)
 
 

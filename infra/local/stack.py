@@ -64,9 +64,10 @@ def read_state(stack_dir: Path) -> StackState | None:
         raise StackError(f"unreadable stack state {stack_dir / STATE_FILE}: {err}") from err
 
 
-def s3_endpoint_for(stack_dir: Path, state: StackState, region: str = "us-east-1") -> S3Endpoint:
+def s3_endpoint_for(stack_dir: Path, s3_port: int, region: str = "us-east-1") -> S3Endpoint:
+    """The embedded store's endpoint, with the credentials kept in its data folder."""
     creds = seaweedfs.ensure_credentials(stack_dir / "seaweedfs")
-    return S3Endpoint(state.s3_endpoint, creds.access_key, creds.secret_key, region=region)
+    return S3Endpoint(f"{LOOPBACK}:{s3_port}", creds.access_key, creds.secret_key, region=region)
 
 
 class LocalStack:
@@ -96,7 +97,7 @@ class LocalStack:
             )
 
         s3_ports = self._s3_ports(previous)
-        endpoint = s3_endpoint_for(self.dir, StackState(0, storage, s3_ports.as_list()), self.settings.s3.region)
+        endpoint = s3_endpoint_for(self.dir, s3_ports.s3, self.settings.s3.region)
         store = ObjectStore(endpoint, self.settings.s3.bucket, client=endpoint.client(attempts=1))
         if self.s3.running_pid() is None:
             creds = seaweedfs.ensure_credentials(self.s3_dir)
