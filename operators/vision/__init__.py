@@ -48,3 +48,4 @@ __all__ += [
     "FrameStats", "PrunedFrame", "STCCacheConfig", "STCCacheState", "STCCachedEncoder",
     "STCPruneConfig", "STCPruneState", "STCPruner",
 ]
+from . import hf_towers  # noqa: E402,F401  (registers hf-clip, hf-siglip, hf-qwen2.5-vl, hf-vision)
