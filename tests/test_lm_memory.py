@@ -1,0 +1,352 @@
+"""The KV memory stage on tiny random-weight configs of the real transformers classes.
+
+Llama (SmolLM2's architecture), Qwen2 inside LLaVA-OneVision, and Qwen2.5-VL (mRoPE): the
+chunked prefill, the spill to the tiered store, re-rotation of moved blocks, retrieval, the
+answer's evidence, isolation between streams and detection of corrupt or missing blocks.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+from streamvqa.operators.kv import ObjectTier, TieredStore, cpu_tier, standard_store
+from streamvqa.operators.kv.errors import BlockMismatch
+from streamvqa.operators.lm.memory import KVMemory, KVMemoryConfig, StreamKV
+from streamvqa.operators.lm.model import DecoderAdapter
+from streamvqa.operators.lm.rope import shift_keys
+
+from streamvqa import connect
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen25_vl(seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+        },
+    )
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def tiny_llava_onevision(seed: int = 0):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        image_token_index=VOCAB - 1,
+        video_token_index=VOCAB - 2,
+    )
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def memory_store(**budgets) -> TieredStore:
+    return standard_store(gpu_bytes=budgets.get("gpu", 1 << 20), cpu_bytes=budgets.get("cpu", 1 << 30))
+
+
+def new_stream() -> str:
+    return f"s-{uuid.uuid4().hex[:8]}"
+
+
+def ids(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB - 2, (n,), generator=g)
+
+
+def full_logits(adapter: DecoderAdapter, token_ids: torch.Tensor) -> torch.Tensor:
+    out = adapter.forward(adapter.embed(token_ids), torch.arange(len(token_ids)), logits="all")
+    return out.logits
+
+
+# -- positions --------------------------------------------------------------------------
+@pytest.mark.parametrize("delta", [1, 37, 1000])
+def test_moving_a_block_by_rerotation_equals_encoding_it_at_the_new_position(delta: int) -> None:
+    # A chunk with no context is position-invariant except for RoPE: its post-RoPE keys at
+    # p + delta are the keys at p rotated by delta, in every layer.
+    adapter = DecoderAdapter(tiny_llama())
+    x = adapter.embed(ids(24, 1))
+    at_0 = adapter.forward(x, torch.arange(5, 29)).keys
+    at_d = adapter.forward(x, torch.arange(5 + delta, 29 + delta)).keys
+    moved = shift_keys(at_0, delta, adapter.inv_freq)
+    assert not torch.allclose(at_0, at_d, atol=1e-3)
+    torch.testing.assert_close(moved, at_d, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(shift_keys(moved, -delta, adapter.inv_freq), at_0, atol=2e-5, rtol=1e-4)
+
+
+def test_mrope_blocks_move_as_a_whole() -> None:
+    # Qwen2.5-VL: a frame's tokens at (t, t + row, t + col); shifting all three components by
+    # delta is one rotation by delta per frequency, whatever section a frequency belongs to.
+    adapter = DecoderAdapter(tiny_qwen25_vl())
+    assert adapter.mrope
+    x = torch.randn(12, adapter.hidden_size)
+    r = torch.arange(3).repeat_interleave(4)
+    c = torch.arange(4).repeat(3)
+    pos = torch.stack([torch.zeros(12, dtype=torch.int64), r, c])
+    at_0 = adapter.forward(x, pos + 7).keys
+    at_d = adapter.forward(x, pos + 7 + 250).keys
+    torch.testing.assert_close(shift_keys(at_0, 250, adapter.inv_freq), at_d, atol=2e-5, rtol=1e-4)
+
+
+# -- the memory equals the full-context model when nothing is dropped -----------------
+def _prefill_chunks(mem: KVMemory, stream: str, chunks: list[torch.Tensor], sink: torch.Tensor) -> StreamKV:
+    state = mem.open(stream, sink)
+    for i, chunk in enumerate(chunks):
+        state = mem.prefill_tokens(state, chunk, i * 1_000_000, (i + 1) * 1_000_000)
+    return state
+
+
+def test_window_holding_everything_gives_the_full_context_logits() -> None:
+    adapter = DecoderAdapter(tiny_llama())
+    mem = KVMemory(adapter, memory_store(), config=KVMemoryConfig(window_tokens=10_000, block_tokens=16))
+    sink, chunks, question = ids(6, 0), [ids(n, 10 + n) for n in (20, 33, 7, 40)], ids(9, 99)
+    state = _prefill_chunks(mem, new_stream(), chunks, sink)
+    assert state.index == [] and [b.num_tokens for b in state.window] == [16, 4, 16, 16, 1, 7, 16, 16, 8]
+    keys, values, base = mem.assemble([state.sink, *state.window])
+    out = adapter.forward(adapter.embed(question), torch.arange(base, base + 9), (keys, values), logits="all")
+    expected = full_logits(adapter, torch.cat([sink, *chunks, question]))[-9:]
+    torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_llava_onevision], ids=["llama", "llava-ov-qwen2"])
+def test_retrieving_every_spilled_block_gives_the_full_context_answer(factory) -> None:
+    adapter = DecoderAdapter(factory())
+    mem = KVMemory(
+        adapter,
+        memory_store(gpu=8_000),  # small: blocks go on to the cpu tier
+        config=KVMemoryConfig(window_tokens=10_000, block_tokens=12, retrieve_tokens=10**6, max_new_tokens=6),
+    )
+    sink, chunks, question = ids(5, 0), [ids(30, 1), ids(25, 2), ids(18, 3)], ids(8, 4)
+    state = _prefill_chunks(mem, new_stream(), chunks, sink)
+    mem.spill(state)  # every window block to the store
+    assert state.window == [] and [s.num_tokens for s in state.index] == [12, 12, 6, 12, 12, 1, 12, 6]
+    mem.store.flush()
+    assert {mem.store.where(s.key)[0] for s in state.index} == {"gpu", "cpu"}
+    found = mem.retrieve(state, question)
+    assert [b.block_index for b in found.blocks] == [s.block_index for s in state.index]
+    keys, values, base = mem.assemble([state.sink, *found.blocks])
+    out = adapter.forward(adapter.embed(question), torch.arange(base, base + 8), (keys, values), logits="all")
+    full = torch.cat([sink, *chunks, question])
+    torch.testing.assert_close(out.logits, full_logits(adapter, full)[-8:], atol=1e-4, rtol=1e-4)
+    # Greedy answer equals greedy decoding of the full-context model.
+    answer = mem.answer(state, question)
+    expected, seq = [], full.clone()
+    for _ in range(6):
+        token = int(full_logits(adapter, seq)[-1].argmax())
+        expected.append(token)
+        seq = torch.cat([seq, torch.tensor([token])])
+    assert answer.token_ids == expected
+    assert [e.block_index for e in answer.evidence] == [s.block_index for s in state.index]
+    assert answer.evidence[0].start_us == 0 and answer.evidence[-1].end_us == 3_000_000
+    assert answer.unusable == [] and answer.context_tokens == 5 + 73 + 8
+    assert {"query", "score", "fetch", "prefill", "ttft", "decode", "total"} <= set(answer.timings_ms)
+
+
+def test_qwen25_vl_frames_and_text_equal_the_full_model_with_3d_positions() -> None:
+    adapter = DecoderAdapter(tiny_qwen25_vl())
+    mem = KVMemory(
+        adapter,
+        memory_store(),
+        config=KVMemoryConfig(window_tokens=10_000, block_tokens=8, retrieve_tokens=10**6),
+    )
+    torch.manual_seed(3)
+    sink, text, question = ids(4, 0), ids(10, 1), ids(5, 2)
+    frame_a, frame_b = torch.randn(6, 64), torch.randn(6, 64)  # 2 x 3 grids
+    state = mem.open(new_stream(), sink)
+    state = mem.prefill_embeds(state, frame_a, 0, 500_000, grid=(2, 3))
+    state = mem.prefill_tokens(state, text, 500_000, 900_000)
+    state = mem.prefill_embeds(state, frame_b, 1_000_000, 1_500_000, grid=(2, 3))
+
+    # The full sequence with Qwen2.5-VL's own layout: text t=h=w; a frame at (s, s+row, s+col),
+    # the next token at s + max(rows, cols).
+    def grid(start):
+        r, c = torch.arange(2).repeat_interleave(3), torch.arange(3).repeat(2)
+        return torch.stack([torch.zeros(6, dtype=torch.int64), r, c]) + start
+
+    def text_pos(start, n):
+        return torch.arange(start, start + n).expand(3, n)
+
+    pos = torch.cat([text_pos(0, 4), grid(4), text_pos(7, 10), grid(17), text_pos(20, 5)], dim=1)
+    embeds = torch.cat([adapter.embed(sink), frame_a, adapter.embed(text), frame_b, adapter.embed(question)])
+    expected = adapter.forward(embeds, pos, logits="all").logits[-5:]
+    mem.spill(state)
+    found = mem.retrieve(state, question)
+    keys, values, base = mem.assemble([state.sink, *found.blocks])
+    assert base == 20
+    out = adapter.forward(adapter.embed(question), text_pos(20, 5), (keys, values), logits="all")
+    torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-4)
+
+
+# -- sliding window and spill ---------------------------------------------------------
+def test_window_stays_bounded_and_spilled_blocks_keep_their_time_ranges() -> None:
+    adapter = DecoderAdapter(tiny_llama())
+    mem = KVMemory(adapter, memory_store(), config=KVMemoryConfig(window_tokens=40, block_tokens=10))
+    state = mem.open(new_stream(), ids(4, 0))
+    for i in range(30):
+        state = mem.prefill_tokens(state, ids(10, i), i * 1000, i * 1000 + 999)
+        assert state.window_tokens <= 40
+    assert [s.block_index for s in state.index] == list(range(1, 27))
+    assert [s.start_us for s in state.index] == [i * 1000 for i in range(26)]
+    # Positions never outgrow sink + window + chunk, however long the stream.
+    assert max(int(b.attrs["base"]) + int(b.attrs["span"]) for b in state.window) <= 4 + 40 + 10
+
+
+def test_top_k_retrieval_picks_the_best_scored_blocks_in_time_order() -> None:
+    from streamvqa.operators.lm.scoring import combine_layer_scores, score_blocks_torch
+
+    adapter = DecoderAdapter(tiny_llama())
+    mem = KVMemory(adapter, memory_store(), config=KVMemoryConfig(window_tokens=20, block_tokens=10, top_k=3))
+    state = mem.open(new_stream(), ids(4, 0))
+    for i in range(12):
+        state = mem.prefill_tokens(state, ids(10, 100 + i), i, i)
+    question = ids(6, 7)
+    found = mem.retrieve(state, question)
+    keys, values, base = mem.assemble([state.sink, *state.window])
+    probe = adapter.forward(
+        adapter.embed(question), torch.arange(base, base + 6), (keys, values), capture="queries"
+    )
+    scores = combine_layer_scores(score_blocks_torch(probe.pre_rope_queries.mean(dim=2), state.mean_keys()))
+    best = sorted(torch.argsort(scores, descending=True)[:3].tolist())
+    assert [e.block_index for e in found.evidence] == [state.index[i].block_index for i in best]
+    assert [e.score for e in found.evidence] == pytest.approx([float(scores[i]) for i in best])
+
+
+def test_state_round_trips_and_the_stream_goes_on_identically() -> None:
+    adapter = DecoderAdapter(tiny_llama())
+    store = memory_store()
+    mem = KVMemory(adapter, store, config=KVMemoryConfig(window_tokens=30, block_tokens=10))
+    stream = new_stream()
+    state = mem.open(stream, ids(4, 0))
+    for i in range(6):
+        state = mem.prefill_tokens(state, ids(10, i), i, i)
+    restored = StreamKV.from_bytes(state.to_bytes(), store)
+    assert restored.next_index == state.next_index and restored.sink.equal(state.sink)
+    assert [b.key() for b in restored.window] == [b.key() for b in state.window]
+    assert [s.key for s in restored.index] == [s.key for s in state.index]
+    a = mem.prefill_tokens(state, ids(10, 50), 9, 9)
+    b = mem.prefill_tokens(restored, ids(10, 50), 9, 9)
+    assert [x.key() for x in a.window] == [y.key() for y in b.window]
+
+
+# -- isolation and damaged blocks ---------------------------------------------------
+def test_a_stream_never_uses_another_streams_blocks() -> None:
+    adapter = DecoderAdapter(tiny_llama())
+    store = memory_store()
+    mem = KVMemory(adapter, store, config=KVMemoryConfig(window_tokens=10, block_tokens=10))
+    a = mem.open(new_stream(), ids(4, 0))
+    b = mem.open(new_stream(), ids(4, 0))
+    for i in range(4):
+        a = mem.prefill_tokens(a, ids(10, i), i, i)
+        b = mem.prefill_tokens(b, ids(10, 10 + i), i, i)
+    # A crafted index entry pointing at stream A's block inside stream B's memory.
+    b.index.append(a.index[0])
+    b._stacked = None
+    found = mem.retrieve(b, ids(5, 3))
+    assert all(blk.stream_id == b.stream_id for blk in found.blocks)
+    assert [k for k, _ in found.unusable] == [str(a.index[0].key)]
+    assert "another stream" in found.unusable[0][1]
+    # A state claiming another stream's blocks does not load.
+    forged = StreamKV(stream_id=b.stream_id, model_id=b.model_id, sink=b.sink, index=[a.index[0]])
+    with pytest.raises(BlockMismatch):
+        StreamKV.from_bytes(forged.to_bytes(), store)
+
+
+@pytest.fixture()
+def object_store(stack_settings, endpoints):
+    return connect.object_store(stack_settings, endpoints)
+
+
+@pytest.mark.stack
+def test_corrupt_and_missing_objects_are_reported_not_used(object_store) -> None:
+    adapter = DecoderAdapter(tiny_llama())
+    store = TieredStore([(cpu_tier(), 1), (ObjectTier(object_store), None)])  # 1 byte: straight to S3
+    mem = KVMemory(
+        adapter, store, config=KVMemoryConfig(window_tokens=10, block_tokens=10, retrieve_tokens=10**6)
+    )
+    state = mem.open(new_stream(), ids(4, 0))
+    for i in range(5):
+        state = mem.prefill_tokens(state, ids(10, i), i * 10, i * 10 + 9)
+    store.flush()
+    assert all(store.where(s.key) == ["s3"] or store.where(s.key)[-1] != "cpu" for s in state.index)
+    bad, gone = state.index[1].key, state.index[2].key
+    data = bytearray(object_store.get(bad.path))
+    data[len(data) // 2] ^= 0x40
+    object_store.put(bad.path, bytes(data))
+    object_store.delete(gone.path)
+    answer = mem.answer(state, ids(5, 9), max_new_tokens=2)
+    reasons = dict(answer.unusable)
+    assert set(reasons) == {str(bad), str(gone)}
+    assert "BlockCorrupt" in reasons[str(bad)] and "BlockNotFound" in reasons[str(gone)]
+    used = [e.block_index for e in answer.evidence]
+    assert used == [s.block_index for s in state.index if s.key not in (bad, gone)]
+    store.close()
+
+
+def test_configuration_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="window_tokens"):
+        KVMemoryConfig(window_tokens=0)
+    with pytest.raises(ValueError, match="top_k"):
+        KVMemoryConfig(top_k=-1)
+    adapter = DecoderAdapter(tiny_llama())
+    mem = KVMemory(adapter, memory_store())
+    with pytest.raises(ValueError, match="tokenizer"):
+        mem.open(new_stream(), "a system prompt")
+    state = mem.open(new_stream(), ids(3, 0))
+    with pytest.raises(ValueError, match="grid"):
+        mem.prefill_embeds(state, torch.randn(5, 64), 0, 1, grid=(2, 3))
+    with pytest.raises(ValueError, match=r"not a valid|stream id|invalid"):
+        StreamKV(stream_id="../other", model_id="m")
