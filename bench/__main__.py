@@ -10,6 +10,8 @@ BENCHMARKS = {
     "passthrough": "bench.kafka_passthrough",
     "curvature": "bench.curvature_eval",
     "stc": "bench.stc_eval",
+    "kv": "bench.kv_eval",
+    "serve": "bench.serve_bench",
 }
 
 

@@ -22,6 +22,12 @@ app.add_typer(services, name="services")
 run_app = typer.Typer(help="Run a Beam pipeline (FnApiRunner locally; runner settings for a cluster).",
                       no_args_is_help=True)
 app.add_typer(run_app, name="run")
+
+from streamvqa.operators.serve.cli import serve_app  # noqa: E402
+from streamvqa.produce import produce_command  # noqa: E402
+
+app.add_typer(serve_app, name="serve")
+app.command("produce")(produce_command)
 console = Console()
 err_console = Console(stderr=True)
 
