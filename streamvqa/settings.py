@@ -56,9 +56,7 @@ class KafkaSettings(BaseModel):
                 if getattr(self, name) is None
             ]
             if missing:
-                raise ValueError(
-                    f"security_protocol={self.security_protocol} needs {', '.join(missing)}"
-                )
+                raise ValueError(f"security_protocol={self.security_protocol} needs {', '.join(missing)}")
         return self
 
 
@@ -152,13 +150,32 @@ class LocalStackSettings(BaseModel):
 
 
 class RunnerSettings(BaseModel):
-    """Which Beam runner executes the pipeline; only this changes on a cluster."""
+    """Which Beam runner executes the pipeline; only this changes on a cluster.
+
+    The Flink fields below become Beam's Flink pipeline options (``pipelines/runner.py``) for
+    ``FlinkRunner`` and for ``PortableRunner`` (a Beam Flink job server at ``job_endpoint``, as
+    the Helm chart deploys); the FnApiRunner ignores them. ``state_backend`` is Beam's
+    ``--state_backend`` (``rocksdb`` or ``filesystem``) and needs a durable
+    ``state_backend_storage_path`` (``s3://bucket/prefix`` on MinIO/S3).
+    """
 
     name: Literal["FnApiRunner", "FlinkRunner", "PortableRunner"] = "FnApiRunner"
     flink_master: str | None = None
     job_endpoint: str | None = None
     parallelism: int = Field(default=1, ge=1)
+    max_parallelism: int | None = Field(default=None, ge=1)
     checkpointing_interval_ms: int = Field(default=10_000, ge=100)
+    checkpointing_mode: Literal["EXACTLY_ONCE", "AT_LEAST_ONCE"] = "EXACTLY_ONCE"
+    checkpoint_timeout_ms: int | None = Field(default=None, ge=1_000)
+    min_pause_between_checkpoints_ms: int | None = Field(default=None, ge=0)
+    # keep the last checkpoint when the job is cancelled, so a redeploy can resume from it
+    externalized_checkpoints: bool = True
+    state_backend: Literal["rocksdb", "filesystem"] | None = None
+    state_backend_storage_path: str | None = None
+    # How Flink task managers run the Python SDK harness: EXTERNAL = a worker pool at
+    # environment_config (the chart's sidecar on localhost:50000), DOCKER, PROCESS or LOOPBACK.
+    environment_type: Literal["EXTERNAL", "DOCKER", "PROCESS", "LOOPBACK"] | None = None
+    environment_config: str | None = None
 
     @model_validator(mode="after")
     def _cluster_address(self) -> RunnerSettings:
@@ -166,6 +183,12 @@ class RunnerSettings(BaseModel):
             raise ValueError("runner FlinkRunner needs runner.flink_master")
         if self.name == "PortableRunner" and not self.job_endpoint:
             raise ValueError("runner PortableRunner needs runner.job_endpoint")
+        if self.state_backend is not None and not self.state_backend_storage_path:
+            raise ValueError("runner.state_backend needs runner.state_backend_storage_path")
+        if self.max_parallelism is not None and self.max_parallelism < self.parallelism:
+            raise ValueError("runner.max_parallelism must be >= runner.parallelism")
+        if self.environment_type == "EXTERNAL" and not self.environment_config:
+            raise ValueError("runner.environment_type EXTERNAL needs runner.environment_config")
         return self
 
 
