@@ -94,7 +94,9 @@ def preprocess_frames(
     out = []
     for batch in batches:
         _check_frame(batch[0])
-        t = torch.as_tensor(np.ascontiguousarray(batch) if isinstance(batch, np.ndarray) else batch)
+        if isinstance(batch, np.ndarray):  # contiguous and writable (a decoded JPEG may be read-only)
+            batch = np.require(batch, requirements=["C", "W"])
+        t = torch.as_tensor(batch)
         t = t.to(device=device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         out.append(_fit(t, spec))
     x = out[0] if len(out) == 1 else torch.cat(out)
