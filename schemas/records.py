@@ -290,7 +290,10 @@ class Answer:
 
 @_record
 class DeadLetter:
-    """A message that could not be processed. Key: the source message's key."""
+    """A message that could not be processed. ``key`` keeps the source message's key
+    (``message_key()`` returns it); the pipelines publish the letter under the Kafka key
+    ``<topic>/<partition>/<offset>``, unique per source message, so a replayed letter is
+    recognised as already written."""
 
     SCHEMA: ClassVar[pa.Schema] = _schema(
         "DeadLetter",

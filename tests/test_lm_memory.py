@@ -259,7 +259,9 @@ def test_top_k_retrieval_picks_the_best_scored_blocks_in_time_order() -> None:
     probe = adapter.forward(
         adapter.embed(question), torch.arange(base, base + 6), (keys, values), capture="queries"
     )
-    scores = combine_layer_scores(score_blocks_torch(probe.pre_rope_queries.mean(dim=2), state.mean_keys()))
+    # ReKV's question vector, centred by the stream's running mean query.
+    query = probe.pre_rope_queries.mean(dim=2) - state.query_mean
+    scores = combine_layer_scores(score_blocks_torch(query, state.mean_keys()))
     best = sorted(torch.argsort(scores, descending=True)[:3].tolist())
     assert [e.block_index for e in found.evidence] == [state.index[i].block_index for i in best]
     assert [e.score for e in found.evidence] == pytest.approx([float(scores[i]) for i in best])
@@ -277,6 +279,8 @@ def test_state_round_trips_and_the_stream_goes_on_identically() -> None:
     assert restored.next_index == state.next_index and restored.sink.equal(state.sink)
     assert [b.key() for b in restored.window] == [b.key() for b in state.window]
     assert [s.key for s in restored.index] == [s.key for s in state.index]
+    assert restored.query_count == state.query_count == 60
+    assert torch.equal(restored.query_mean, state.query_mean)
     a = mem.prefill_tokens(state, ids(10, 50), 9, 9)
     b = mem.prefill_tokens(restored, ids(10, 50), 9, 9)
     assert [x.key() for x in a.window] == [y.key() for y in b.window]
@@ -350,3 +354,75 @@ def test_configuration_errors_are_clear() -> None:
         mem.prefill_embeds(state, torch.randn(5, 64), 0, 1, grid=(2, 3))
     with pytest.raises(ValueError, match=r"not a valid|stream id|invalid"):
         StreamKV(stream_id="../other", model_id="m")
+
+
+# -- external features -------------------------------------------------------------
+def test_an_example_image_feature_finds_its_frame() -> None:
+    # "When did this appear?": frames carry pooled visual features; the question's image
+    # feature picks the frame whose feature matches, whatever the KV scores say.
+    adapter = DecoderAdapter(tiny_llama())
+    mem = KVMemory(
+        adapter, memory_store(), config=KVMemoryConfig(window_tokens=8, top_k=1, feature_weight=100.0)
+    )
+    state = mem.open(new_stream(), ids(4, 0))
+    g = torch.Generator().manual_seed(5)
+    features = [torch.randn(32, generator=g) for _ in range(6)]
+    for i, feat in enumerate(features):
+        state = mem.prefill_embeds(
+            state, torch.randn(8, 64, generator=g), i * 1000, i * 1000 + 999, feature=("image:test", feat)
+        )
+    assert [s.block_index for s in state.index] == [1, 2, 3, 4, 5]
+    query = features[2] + 0.1 * torch.randn(32, generator=g)
+    found = mem.retrieve(state, ids(3, 1), query_feature=("image:test", query))
+    assert [(e.block_index, e.start_us) for e in found.evidence] == [(3, 2000)]
+    # Another space's feature is not compared: the choice falls back to the KV scores alone.
+    other = mem.retrieve(state, ids(3, 1), query_feature=("text:other", query))
+    plain = KVMemory(adapter, mem.store, config=KVMemoryConfig(window_tokens=8, top_k=1)).retrieve(
+        state, ids(3, 1)
+    )
+    assert [e.block_index for e in other.evidence] == [e.block_index for e in plain.evidence]
+    # Features survive the state's round trip.
+    restored = StreamKV.from_bytes(state.to_bytes(), mem.store)
+    assert restored.features.keys() == state.features.keys()
+    assert all(torch.equal(restored.features[k][1], state.features[k][1]) for k in state.features)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_fact_spilled_to_the_store() -> None:
+    # The real model (SmolLM2-135M-Instruct, converted once to the cache) and the real text
+    # embedder: a fact told early in a stream has left the window; retrieval brings it back.
+    from streamvqa.operators.lm.features import MiniLMEmbedder
+    from streamvqa.operators.lm.smollm2 import MODEL_ID, load_smollm2
+
+    model, tokenizer = load_smollm2()
+    mem = KVMemory(
+        DecoderAdapter(model, model_id=MODEL_ID),
+        memory_store(),
+        tokenizer=tokenizer,
+        config=KVMemoryConfig(window_tokens=96, block_tokens=48, retrieve_tokens=96, max_new_tokens=16),
+        embedder=MiniLMEmbedder(),
+    )
+    state = mem.open(new_stream())
+    filler = [
+        "The market opens early and closes when the bread is gone.",
+        "Children walk to school past the old stone bridge.",
+        "A train passes in the distance, right on time as usual.",
+        "The garden has roses, tulips and a small lemon tree.",
+        "Fishermen return in the afternoon with their nets.",
+        "Snow covers the hills for most of the winter.",
+    ]
+    texts = [*filler[:2], "The pass key is 60714. Remember it. 60714 is the pass key.", *filler[2:], *filler]
+    for i, text in enumerate(texts):
+        state = mem.prefill_text(state, text, i * 1_000_000, i * 1_000_000 + 999_999)
+    fact_block = next(b for b in state.index if b.start_us == 2_000_000)
+    assert fact_block.key in {s.key for s in state.index}  # spilled, not in the window
+    answer = mem.answer(state, "What is the pass key?")
+    assert "60714" in answer.text
+    assert 2_000_000 in [e.start_us for e in answer.evidence]
+    baseline = KVMemory(
+        mem.adapter,
+        mem.store,
+        tokenizer=tokenizer,
+        config=KVMemoryConfig(window_tokens=96, retrieve_tokens=0, max_new_tokens=16),
+    )
+    assert "60714" not in baseline.answer(state, "What is the pass key?").text  # StreamingLLM forgot it

@@ -147,7 +147,7 @@ def command(data_dir: Path, ports: SeaweedPorts, creds: S3Credentials) -> list[s
         "-master.volumeSizeLimitMB=1024",
         f"-volume.port={ports.volume}",
         f"-volume.port.grpc={ports.volume_grpc}",
-        "-volume.max=20",
+        "-volume.max=200",  # a cap on the count, not space: 1 GB volumes are created as needed
         "-volume.preStopSeconds=0",
         "-filer",
         f"-filer.port={ports.filer}",

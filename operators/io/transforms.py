@@ -28,7 +28,7 @@ DEAD_LETTER = "dead_letter"
 
 
 class DecodeOrDeadLetter(beam.DoFn):
-    """KafkaRecord -> (key, decoded record); bad ones -> tagged dead-letter Outputs."""
+    """KafkaRecord -> decoded record; bad ones -> tagged dead-letter Outputs."""
 
     def __init__(self, record_type: type, dead_letter_topic: str, limits: Limits | None = None) -> None:
         self.record_type = record_type

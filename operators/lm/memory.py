@@ -45,6 +45,7 @@ from streamvqa.operators.kv import (
 
 from streamvqa.storage.keys import stream_prefix
 
+from .features import feature_scores
 from .model import DecoderAdapter
 from .prompt import ChatFormat, PromptFormat
 from .rope import shift_keys
@@ -63,6 +64,8 @@ class KVMemoryConfig:
     top_k: int | None = None  # at most this many retrieved blocks (None: the token budget decides)
     max_new_tokens: int = 48
     kernel_backend: str = "auto"  # block scoring: auto | torch | triton
+    feature_weight: float = 1.0  # weight of the external feature score beside the ReKV score
+    center_query: bool = True  # subtract the stream's mean query from the question's (see StreamKV)
 
     def __post_init__(self) -> None:
         for name in ("window_tokens", "block_tokens", "max_new_tokens"):
@@ -87,6 +90,12 @@ class StreamKV:
     window: list[KVBlock] = field(default_factory=list)
     index: list[BlockSummary] = field(default_factory=list)  # spilled blocks, in order
     next_index: int = 0
+    features: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)  # block index -> (space, vec)
+    # Running mean of the pre-RoPE queries of every token prefilled (layers, heads, head_dim) and
+    # its count: subtracted from a question's query, it removes what every query of this stream
+    # looks for (sink-like, position-like directions) and leaves what this question asks.
+    query_mean: torch.Tensor | None = None
+    query_count: int = 0
     _stacked: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,7 +119,14 @@ class StreamKV:
     def to_bytes(self) -> bytes:
         """Sink and window blocks in full, the index as keys (summaries are re-read from the store)."""
         blobs = [encode_block(b).data for b in ([self.sink] if self.sink else []) + self.window]
+        feats = sorted(self.features.items())
+        feat_bytes = b"".join(vec.float().contiguous().numpy().tobytes() for _, (_, vec) in feats)
+        qm = b"" if self.query_mean is None else self.query_mean.float().contiguous().numpy().tobytes()
         header = {
+            "query_mean": None
+            if self.query_mean is None
+            else [list(self.query_mean.shape), self.query_count],
+            "features": [[i, space, int(vec.numel())] for i, (space, vec) in feats],
             "stream_id": self.stream_id,
             "model_id": self.model_id,
             "next_index": self.next_index,
@@ -119,7 +135,7 @@ class StreamKV:
             "index": [s.key.path for s in self.index],
         }
         head = json.dumps(header, sort_keys=True).encode()
-        return STATE_FORMAT + struct.pack("<I", len(head)) + head + b"".join(blobs)
+        return STATE_FORMAT + struct.pack("<I", len(head)) + head + b"".join(blobs) + feat_bytes + qm
 
     @classmethod
     def from_bytes(cls, data: bytes, store: TieredStore) -> StreamKV:
@@ -138,6 +154,20 @@ class StreamKV:
         state = cls(
             stream_id=header["stream_id"], model_id=header["model_id"], next_index=header["next_index"]
         )
+        for index, space, dim in header["features"]:
+            vec = torch.frombuffer(bytearray(data[at : at + 4 * dim]), dtype=torch.float32)
+            if vec.numel() != dim:
+                raise ValueError("truncated stream state")
+            state.features[int(index)] = (space, vec)
+            at += 4 * dim
+        if header.get("query_mean"):
+            shape, count = header["query_mean"]
+            size = 4 * int(torch.Size(shape).numel())
+            state.query_mean = torch.frombuffer(bytearray(data[at : at + size]), dtype=torch.float32).reshape(
+                shape
+            )
+            state.query_count = int(count)
+            at += size
         for block in blocks:
             _check_owner(block.stream_id, block.model_id, state)
         if header["has_sink"]:
@@ -198,7 +228,11 @@ class KVMemory:
         tokenizer=None,
         config: KVMemoryConfig | None = None,
         prompt: PromptFormat | None = None,
+        embedder=None,
     ) -> None:
+        """``embedder``: an optional text embedder (``space``, ``embed(texts)``, e.g.
+        :class:`~.features.MiniLMEmbedder`) giving text blocks a retrieval feature."""
+        self.embedder = embedder
         self.adapter = adapter
         self.store = store
         self.tokenizer = tokenizer
@@ -224,7 +258,7 @@ class KVMemory:
         ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
         if ids.numel() == 0:
             return state
-        return self._prefill(state, self.adapter.embed(ids), None, start_us, end_us, "text")
+        return self._prefill(state, self.adapter.embed(ids), None, start_us, end_us, "text", ids=ids)
 
     def prefill_embeds(
         self,
@@ -234,19 +268,21 @@ class KVMemory:
         end_us: int,
         *,
         grid: tuple[int, int] | None = None,
+        feature: tuple[str, torch.Tensor] | None = None,
     ) -> StreamKV:
         """Append one frame's visual tokens ``(tokens, hidden)`` (already in the LM's embedding space).
 
         ``grid``: the (rows, cols) of the tokens in row-major order, for mRoPE models (Qwen2.5-VL
         places them at (t, t + row, t + col)); 1-D RoPE models place them in sequence. The frame
-        becomes one block.
+        becomes one block. ``feature``: (space, vector), e.g. the frame's pooled visual feature,
+        which questions with an example image are compared with.
         """
         if grid is not None and grid[0] * grid[1] != embeds.shape[0]:
             raise ValueError(f"grid {grid} does not match {embeds.shape[0]} tokens")
-        return self._prefill(state, embeds, grid, start_us, end_us, "visual")
+        return self._prefill(state, embeds, grid, start_us, end_us, "visual", feature=feature)
 
     # ------------------------------------------------------------------ prefill internals
-    def _prefill(self, state, embeds, grid, start_us, end_us, kind) -> StreamKV:
+    def _prefill(self, state, embeds, grid, start_us, end_us, kind, ids=None, feature=None) -> StreamKV:
         if state.sink is None:
             raise ValueError(f"stream {state.stream_id!r} is not open")
         if state.model_id != self.model_id:
@@ -255,26 +291,43 @@ class KVMemory:
             raise ValueError(f"end_us {end_us} < start_us {start_us}")
         keys, values, base = self.assemble([state.sink, *state.window])
         n = embeds.shape[0]
+        out = None
         if grid is not None and self.adapter.mrope:
             rows, cols = grid
             r = torch.arange(rows).repeat_interleave(cols)
             c = torch.arange(cols).repeat(rows)
             pos3 = torch.stack([torch.zeros(n, dtype=torch.int64), r, c]) + base
-            out = self.adapter.forward(embeds, pos3, (keys, values), capture="keys")
+            out = self.adapter.forward(embeds, pos3, (keys, values), capture=("keys", "queries"))
             positions, span = pos3.max(dim=0).values, max(rows, cols)
             state.window.append(self._block(state, out, positions, base, span, start_us, end_us, kind))
+            self._features(state, state.window[-1:], None, n, feature)
         else:
             positions = torch.arange(base, base + n)
-            out = self.adapter.forward(embeds, positions, (keys, values), capture="keys")
+            out = self.adapter.forward(embeds, positions, (keys, values), capture=("keys", "queries"))
             step = n if kind == "visual" else self.config.block_tokens
+            first = len(state.window)
             for a in range(0, n, step):
                 b = min(n, a + step)
                 part = _slice(out, a, b)
                 t0 = start_us + (end_us - start_us) * a // n
                 t1 = start_us + (end_us - start_us) * b // n
                 state.window.append(self._block(state, part, positions[a:b], base + a, b - a, t0, t1, kind))
+            self._features(state, state.window[first:], ids, step, feature)
+        self._observe_queries(state, out.pre_rope_queries)
         self._spill(state)
         return state
+
+    @staticmethod
+    def _observe_queries(state: StreamKV, queries: torch.Tensor) -> None:
+        """Fold a chunk's pre-RoPE queries (layers, heads, tokens, dim) into the stream's mean."""
+        n = queries.shape[2]
+        chunk_mean = queries.float().mean(dim=2).cpu()
+        if state.query_mean is None:
+            state.query_mean, state.query_count = chunk_mean, n
+        else:
+            total = state.query_count + n
+            state.query_mean = state.query_mean + (chunk_mean - state.query_mean) * (n / total)
+            state.query_count = total
 
     def _block(self, state, out, positions, base, span, start_us, end_us, kind) -> KVBlock:
         mean_keys = out.pre_rope_keys.mean(dim=2) if out.pre_rope_keys is not None else None
@@ -292,6 +345,16 @@ class KVMemory:
         )
         state.next_index += 1
         return block
+
+    def _features(self, state: StreamKV, blocks: list[KVBlock], ids, step: int, feature) -> None:
+        if feature is not None:
+            for block in blocks:
+                state.features[block.block_index] = (feature[0], feature[1].detach().float().cpu())
+        elif ids is not None and self.embedder is not None and self.tokenizer is not None:
+            texts = [self.tokenizer.decode(ids[a : a + step].tolist()) for a in range(0, len(ids), step)]
+            vectors = self.embedder.embed(texts)
+            for block, vec in zip(blocks, vectors, strict=True):
+                state.features[block.block_index] = (self.embedder.space, vec)
 
     def _spill(self, state: StreamKV, keep_tokens: int | None = None) -> None:
         keep = self.config.window_tokens if keep_tokens is None else keep_tokens
@@ -322,8 +385,15 @@ class KVMemory:
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2), pos
 
     # ------------------------------------------------------------------ questions
-    def retrieve(self, state: StreamKV, query) -> Retrieval:
-        """ReKV retrieval: the spilled blocks most relevant to ``query`` (text or token ids), fetched."""
+    def retrieve(
+        self, state: StreamKV, query, *, query_feature: tuple[str, torch.Tensor] | None = None
+    ) -> Retrieval:
+        """ReKV retrieval: the spilled blocks most relevant to ``query`` (text or token ids), fetched.
+
+        ``query_feature``: (space, vector) compared with the blocks' features of that space (an
+        example image's pooled feature); by default the question's text embedding when the memory
+        has an embedder.
+        """
         if state.sink is None:
             raise ValueError(f"stream {state.stream_id!r} is not open")
         cfg = self.config
@@ -344,9 +414,18 @@ class KVMemory:
             timings["query"] = _ms(t0)
             t1 = time.perf_counter()
             query_vec = probe.pre_rope_queries.mean(dim=2).cpu()  # (layers, heads, head_dim)
+            if cfg.center_query and state.query_mean is not None:
+                query_vec = query_vec - state.query_mean
             scores = combine_layer_scores(
                 score_blocks(query_vec, state.mean_keys(), backend=cfg.kernel_backend)
             )
+            if query_feature is None and self.embedder is not None and isinstance(query, str):
+                query_feature = (self.embedder.space, self.embedder.embed([query])[0])
+            if query_feature is not None and cfg.feature_weight:
+                space, vec = query_feature
+                feats = [state.features.get(s.block_index) for s in state.index]
+                feats = [f[1] if f is not None and f[0] == space else None for f in feats]
+                scores = scores + cfg.feature_weight * feature_scores(vec, feats)
             picked = select_blocks(
                 scores, [s.num_tokens for s in state.index], top_k=cfg.top_k, max_tokens=cfg.retrieve_tokens
             )
@@ -356,11 +435,18 @@ class KVMemory:
         timings["fetch"] = _ms(t2)
         return Retrieval(blocks=blocks, evidence=evidence, unusable=unusable, timings_ms=timings)
 
-    def answer(self, state: StreamKV, question, *, max_new_tokens: int | None = None) -> Answer:
+    def answer(
+        self,
+        state: StreamKV,
+        question,
+        *,
+        max_new_tokens: int | None = None,
+        query_feature: tuple[str, torch.Tensor] | None = None,
+    ) -> Answer:
         """Answer ``question`` (text, or token ids used as they are) from the stream's memory.
         The question is not added to the memory."""
         t0 = time.perf_counter()
-        found = self.retrieve(state, question)
+        found = self.retrieve(state, question, query_feature=query_feature)
         t3 = time.perf_counter()
         context = [state.sink, *found.blocks, *state.window]
         keys, values, base = self.assemble(context)

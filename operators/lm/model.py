@@ -72,8 +72,8 @@ class DecoderAdapter:
                 f"partial RoPE (inv_freq {tuple(self.inv_freq.shape)}, head_dim {self.head_dim}) is not supported"
             )
         self.max_positions = getattr(config, "max_position_embeddings", None)
-        self._capture: str | None = None
-        self._captured: list[torch.Tensor | None] = [None] * self.num_layers
+        self._capture: frozenset[str] = frozenset()
+        self._captured: dict[str, list[torch.Tensor | None]] = {}
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             # Pre-RoPE key/query: after the projection (and its per-head norm where the model has one).
@@ -84,10 +84,10 @@ class DecoderAdapter:
 
     def _hook(self, index: int, kind: str):
         def hook(_module, _inputs, output):
-            if self._capture == kind:
+            if kind in self._capture:
                 heads = self.num_kv_heads if kind == "keys" else self.num_heads
                 x = output.float().reshape(output.shape[0], output.shape[1], heads, self.head_dim)
-                self._captured[index] = x[0].transpose(0, 1)  # (heads, tokens, head_dim)
+                self._captured[kind][index] = x[0].transpose(0, 1)  # (heads, tokens, head_dim)
 
         return hook
 
@@ -121,14 +121,15 @@ class DecoderAdapter:
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         *,
         logits: str = "none",
-        capture: str | None = None,
+        capture: str | tuple[str, ...] | None = None,
         cache=None,
         return_kv: bool = True,
     ) -> ChunkOutput:
         """Run ``embeds`` ``(tokens, hidden)`` at ``positions`` (``(tokens,)``, or ``(3, tokens)`` for
         mRoPE) after ``past`` = (keys, values) each ``(layers, kv_heads, past_tokens, head_dim)``.
 
-        ``logits``: "none", "last" or "all". ``capture``: None, "keys" or "queries" (pre-RoPE, per token).
+        ``logits``: "none", "last" or "all". ``capture``: None, "keys", "queries" or both in a
+        tuple (pre-RoPE, per token).
         ``cache``: a DynamicCache returned by an earlier call, to go on in it (then ``past`` is None).
         """
         if embeds.dim() != 2 or embeds.shape[1] != self.hidden_size:
@@ -154,8 +155,11 @@ class DecoderAdapter:
         else:
             past_len = 0 if past is None else past[0].shape[2]
             cache = self._cache(past)
-        self._capture = capture
-        self._captured = [None] * self.num_layers
+        wanted = frozenset((capture,) if isinstance(capture, str) else capture or ())
+        if not wanted <= {"keys", "queries"}:
+            raise ValueError(f"capture must name keys and/or queries, got {capture!r}")
+        self._capture = wanted
+        self._captured = {kind: [None] * self.num_layers for kind in wanted}
         try:
             out = self.decoder(
                 inputs_embeds=embeds.to(self.device, self.dtype)[None],
@@ -164,7 +168,7 @@ class DecoderAdapter:
                 use_cache=True,
             )
         finally:
-            self._capture = None
+            self._capture = frozenset()
         hidden = out.last_hidden_state[0]
         if logits == "last":
             logit_values = self.lm_head(hidden[-1:]).float()
@@ -178,12 +182,12 @@ class DecoderAdapter:
         if return_kv:
             keys = torch.stack([cache.layers[i].keys[0, :, past_len:] for i in range(self.num_layers)])
             values = torch.stack([cache.layers[i].values[0, :, past_len:] for i in range(self.num_layers)])
-        captured = torch.stack(self._captured) if capture else None  # type: ignore[arg-type]
+        captured = {kind: torch.stack(layers) for kind, layers in self._captured.items()}  # type: ignore[arg-type]
         return ChunkOutput(
             keys=keys,
             values=values,
             logits=logit_values,
-            pre_rope_keys=captured if capture == "keys" else None,
-            pre_rope_queries=captured if capture == "queries" else None,
+            pre_rope_keys=captured.get("keys"),
+            pre_rope_queries=captured.get("queries"),
             cache=cache,
         )

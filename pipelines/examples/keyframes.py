@@ -8,7 +8,7 @@ It uses the same exactly-once machinery as every streamvqa pipeline
 state (the CurveStream state) is snapshotted with the input offsets, so a
 restarted run neither loses nor repeats a keyframe. The JPEG objects are keyed by
 stream id, sequence number and content hash
-(``streams/<stream>/keyframes/<seq>-<hash16>``, JPEG bytes), so writing one again after a
+(``streams/<stream>/keyframes/<seq, 10 digits>-<hash16>``, JPEG bytes), so writing one again after a
 replay is harmless.
 
     python -m streamvqa.pipelines.examples.keyframes --input streamvqa.frames --output keyframes --group kf
