@@ -426,3 +426,30 @@ def test_smollm2_answers_a_fact_spilled_to_the_store() -> None:
         config=KVMemoryConfig(window_tokens=96, retrieve_tokens=0, max_new_tokens=16),
     )
     assert "60714" not in baseline.answer(state, "What is the pass key?").text  # StreamingLLM forgot it
+
+
+def test_recompute_context_rebuilds_the_full_context_from_token_ids() -> None:
+    # A small window: blocks were encoded next to a few neighbours only, so their stored KV
+    # differs from the full model's. "recompute" re-prefills the retrieved text blocks in order
+    # and gets the full-context logits back; frames (no token ids) would keep their stored KV.
+    adapter = DecoderAdapter(tiny_llama())
+    cfg = {"window_tokens": 12, "block_tokens": 12, "retrieve_tokens": 10**6}
+    mem = KVMemory(adapter, memory_store(), config=KVMemoryConfig(**cfg))
+    sink, chunks, question = ids(5, 0), [ids(12, i) for i in range(1, 6)], ids(7, 9)
+    state = _prefill_chunks(mem, new_stream(), chunks, sink)
+    assert all("token_ids" in b.attrs for b in state.index)
+    found = mem.retrieve(state, question)
+    context = [state.sink, *found.blocks, *state.window]
+    expected = full_logits(adapter, torch.cat([sink, *chunks, question]))[-7:]
+    for how, should_match in (("recompute", True), ("stored", False)):
+        keys, values, base = (mem.assemble_recomputed if how == "recompute" else mem.assemble)(context)
+        assert base == 5 + 60
+        out = adapter.forward(
+            adapter.embed(question), torch.arange(base, base + 7), (keys, values), logits="all"
+        )
+        assert torch.allclose(out.logits, expected, atol=1e-4, rtol=1e-4) == should_match, how
+    recompute = KVMemory(adapter, mem.store, config=KVMemoryConfig(**cfg, answer_context="recompute"))
+    greedy = int(expected[-1].argmax())
+    assert recompute.answer(state, question, max_new_tokens=1).token_ids == [greedy]
+    with pytest.raises(ValueError, match="answer_context"):
+        KVMemoryConfig(answer_context="cached")

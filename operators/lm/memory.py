@@ -52,6 +52,8 @@ from .rope import shift_keys
 from .scoring import combine_layer_scores, score_blocks, select_blocks
 
 STATE_FORMAT = b"streamvqa.kv.stream/1"
+MAX_TOKEN_ATTR = 12 * 1024  # token ids kept in a block's attrs when they fit (blocks' attrs <= 16 KiB)
+ANSWER_CONTEXTS = ("stored", "recompute")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ class KVMemoryConfig:
     kernel_backend: str = "auto"  # block scoring: auto | torch | triton
     feature_weight: float = 1.0  # weight of the external feature score beside the ReKV score
     center_query: bool = True  # subtract the stream's mean query from the question's (see StreamKV)
+    # How the answer's context is built: "stored" reuses every block's stored KV (ReKV);
+    # "recompute" re-prefills the retrieved and window text blocks from their token ids in the
+    # order they are laid out (their stored KV was computed next to other neighbours), keeping
+    # the stored KV for blocks without token ids (frames). Costs a prefill of at most
+    # retrieve_tokens + window_tokens, whatever the stream's length.
+    answer_context: str = "stored"
 
     def __post_init__(self) -> None:
         for name in ("window_tokens", "block_tokens", "max_new_tokens"):
@@ -76,6 +84,8 @@ class KVMemoryConfig:
             raise ValueError("retrieve_tokens must be an int >= 0")
         if self.retrieve_tokens < 0:
             raise ValueError("retrieve_tokens must be >= 0")
+        if self.answer_context not in ANSWER_CONTEXTS:
+            raise ValueError(f"answer_context must be one of {ANSWER_CONTEXTS}, got {self.answer_context!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"top_k must be None or an int >= 0, got {self.top_k!r}")
 
@@ -311,7 +321,10 @@ class KVMemory:
                 part = _slice(out, a, b)
                 t0 = start_us + (end_us - start_us) * a // n
                 t1 = start_us + (end_us - start_us) * b // n
-                state.window.append(self._block(state, part, positions[a:b], base + a, b - a, t0, t1, kind))
+                token_ids = ids[a:b] if ids is not None else None
+                state.window.append(
+                    self._block(state, part, positions[a:b], base + a, b - a, t0, t1, kind, token_ids)
+                )
             self._features(state, state.window[first:], ids, step, feature)
         self._observe_queries(state, out.pre_rope_queries)
         self._spill(state)
@@ -329,8 +342,13 @@ class KVMemory:
             state.query_mean = state.query_mean + (chunk_mean - state.query_mean) * (n / total)
             state.query_count = total
 
-    def _block(self, state, out, positions, base, span, start_us, end_us, kind) -> KVBlock:
+    def _block(self, state, out, positions, base, span, start_us, end_us, kind, token_ids=None) -> KVBlock:
         mean_keys = out.pre_rope_keys.mean(dim=2) if out.pre_rope_keys is not None else None
+        attrs = {"rope": "post", "base": str(int(base)), "span": str(int(span)), "kind": kind}
+        if token_ids is not None:  # text blocks keep their token ids: "recompute" answers re-prefill them
+            text = ",".join(str(int(t)) for t in token_ids)
+            if len(text) < MAX_TOKEN_ATTR:
+                attrs["token_ids"] = text
         block = KVBlock(
             model_id=self.model_id,
             stream_id=state.stream_id,
@@ -341,7 +359,7 @@ class KVMemory:
             keys=out.keys,
             values=out.values,
             mean_keys=mean_keys.float().to(out.keys.device) if mean_keys is not None else None,
-            attrs={"rope": "post", "base": str(int(base)), "span": str(int(span)), "kind": kind},
+            attrs=attrs,
         )
         state.next_index += 1
         return block
@@ -383,6 +401,35 @@ class KVMemory:
             vs.append(block.values.to(device))
             pos += span
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2), pos
+
+    def assemble_recomputed(self, blocks: Sequence[KVBlock]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Like :meth:`assemble`, but runs of blocks with token ids are prefilled again over what
+        precedes them (the first block, the sink, is always reused as stored)."""
+        keys, values, pos = self.assemble(blocks[:1])
+        i = 1
+        while i < len(blocks):
+            run = []
+            while i < len(blocks) and "token_ids" in blocks[i].attrs:
+                run.append(blocks[i])
+                i += 1
+            if run:
+                ids = torch.tensor([int(t) for b in run for t in b.attrs["token_ids"].split(",")])
+                out = self.adapter.forward(
+                    self.adapter.embed(ids), torch.arange(pos, pos + len(ids)), (keys, values)
+                )
+                keys, values, pos = (
+                    torch.cat([keys, out.keys], 2),
+                    torch.cat([values, out.values], 2),
+                    pos + len(ids),
+                )
+            if i < len(blocks):  # a block without token ids (a frame): its stored KV, moved
+                block = blocks[i]
+                base, span = int(block.attrs["base"]), int(block.attrs["span"])
+                k = shift_keys(block.keys.to(keys.device), pos - base, self.adapter.inv_freq)
+                keys, values = torch.cat([keys, k], 2), torch.cat([values, block.values.to(values.device)], 2)
+                pos += span
+                i += 1
+        return keys, values, pos
 
     # ------------------------------------------------------------------ questions
     def retrieve(
@@ -449,7 +496,10 @@ class KVMemory:
         found = self.retrieve(state, question, query_feature=query_feature)
         t3 = time.perf_counter()
         context = [state.sink, *found.blocks, *state.window]
-        keys, values, base = self.assemble(context)
+        if self.config.answer_context == "recompute":
+            keys, values, base = self.assemble_recomputed(context)
+        else:
+            keys, values, base = self.assemble(context)
         p_ids = self._ids(question, self.prompt.question)
         out = self.adapter.forward(
             self.adapter.embed(p_ids),
