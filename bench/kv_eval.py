@@ -393,6 +393,7 @@ def main(quick: bool = False) -> dict:
     OUT.mkdir(exist_ok=True)
     (OUT / "kv_eval.json").write_text(json.dumps(results, indent=2, default=str))
     plot(results, OUT / "kv_eval.png")
+    (OUT / "kv_eval.md").write_text(markdown(results) + "\n")
     return results
 
 
@@ -449,3 +450,50 @@ def _report(results: dict) -> None:
             f"{run['rss'][1][1]:.0f} -> {run['rss'][-1][1]:.0f}",
         )
     console.print(summary)
+
+
+METHODS = (
+    ("recompute", "retrieval, context re-prefilled"),
+    ("retrieval", "retrieval, stored KV (centred ReKV + MiniLM)"),
+    ("rekv", "centred ReKV, stored KV"),
+    ("rekv_raw", "ReKV with the paper's query, stored KV"),
+    ("streamingllm", "StreamingLLM sinks + window"),
+    ("full", "full context (fits 8k only)"),
+    ("needle_in_context", "retrieval hit (centred ReKV + MiniLM): the fact's block in the context"),
+    ("rekv_needle_in_context", "retrieval hit (centred ReKV alone)"),
+)
+
+
+def markdown(results: dict) -> str:
+    """The tables of bench/RESULTS.md, from a run's JSON."""
+    runs = results["runs"]
+    lines = [
+        "| method | " + " | ".join(f"{r['tokens'] // 1000}k" for r in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for key, name in METHODS:
+        cells = []
+        for r in runs:
+            vals = [row[key] for row in r["rows"] if row.get(key) is not None]
+            cells.append(f"{sum(vals)}/{len(vals)}" if vals else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| stream | prefill tok/s | re-prefill s | TTFT s, stored KV (mean) | TTFT s, recompute (mean) "
+        "| TTFT / TTFT at 8k (stored, recompute) | RSS MB at 8k tokens -> end (max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    first = None
+    for r in runs:
+        ttft = sum(row["ttft_ms"] for row in r["rows"]) / len(r["rows"]) / 1000
+        ttft_re = sum(row["recompute_ttft_ms"] for row in r["rows"]) / len(r["rows"]) / 1000
+        first = first or (ttft, ttft_re)
+        rss = r["rss"]
+        at8 = next((v for t, v in rss if t >= 8000), rss[-1][1])
+        peak = max(v for _, v in rss)
+        lines.append(
+            f"| {r['tokens']} | {r['prefill_tok_s']:.0f} | {r['prefill_s']:.1f} | {ttft:.2f} | {ttft_re:.2f} | "
+            f"{ttft / first[0]:.2f}, {ttft_re / first[1]:.2f} | {at8:.0f} -> {rss[-1][1]:.0f} ({peak:.0f}, "
+            f"{100 * (peak / at8 - 1):+.1f} %) |"
+        )
+    return "\n".join(lines)
