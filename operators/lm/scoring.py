@@ -22,11 +22,11 @@ overrides "auto". ``backend="triton"`` on CPU tensors only works under ``TRITON_
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
+from streamvqa.operators.kernel_dispatch import cdiv, choose_backend
 
 BACKEND_ENV = "STREAMVQA_KV_BACKEND"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -118,9 +118,6 @@ def triton_available() -> bool:
     return _triton() is not None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
 
 def score_blocks_triton(
     query: torch.Tensor, mean_keys: torch.Tensor, block_b: int = 32, block_d: int = 64
@@ -132,7 +129,7 @@ def score_blocks_triton(
         return out
     _, kernel = _triton()
     q = _grouped_query(query, kv_heads).contiguous()
-    kernel[(layers, _cdiv(blocks, block_b))](
+    kernel[(layers, cdiv(blocks, block_b))](
         q, mean_keys.contiguous(), out, blocks, layers, kv_heads, dim, BLOCK_B=block_b, BLOCK_D=block_d
     )
     return out
@@ -143,15 +140,9 @@ def score_blocks_triton(
 
 def resolve_backend(tensor: torch.Tensor, backend: str = "auto") -> str:
     """'triton' or 'torch' for scoring ``tensor``."""
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto")
-    if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"unknown KV scoring backend {backend!r} (auto, torch, triton)")
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' but triton does not import")
-    return backend
+    return choose_backend(
+        tensor, backend, env_var=BACKEND_ENV, what="KV scoring", triton_available=triton_available
+    )
 
 
 def score_blocks(query: torch.Tensor, mean_keys: torch.Tensor, backend: str = "auto") -> torch.Tensor:

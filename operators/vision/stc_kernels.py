@@ -22,10 +22,10 @@ the kernels without a GPU.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
+from streamvqa.operators.kernel_dispatch import cdiv, choose_backend
 
 SCALES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
 _EPS = 1e-8
@@ -147,9 +147,6 @@ def triton_available() -> bool:
     return _triton() is not None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
 
 def token_cosine_triton(
     k: torch.Tensor, ref: torch.Tensor, block_n: int = 32, block_d: int = 64
@@ -161,7 +158,7 @@ def token_cosine_triton(
     k, ref = k.contiguous(), ref.contiguous()
     stride_b = n * d if ref.dim() == 3 else 0
     out = torch.empty((b, n), dtype=torch.float32, device=k.device)
-    kernel[(b, _cdiv(n, block_n))](k, ref, out, n, d, stride_b, BLOCK_N=block_n, BLOCK_D=block_d)
+    kernel[(b, cdiv(n, block_n))](k, ref, out, n, d, stride_b, BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 
 
@@ -173,7 +170,7 @@ def select_lowest_triton(sims: torch.Tensor, k: int, block_i: int = 32, block_j:
     if k == 0:
         return out
     s = sims.float().contiguous()
-    kernel[(b, _cdiv(n, block_i))](s, out, n, k, BLOCK_I=block_i, BLOCK_J=block_j)
+    kernel[(b, cdiv(n, block_i))](s, out, n, k, BLOCK_I=block_i, BLOCK_J=block_j)
     return out
 
 
@@ -183,7 +180,7 @@ def multiscale_score_triton(
     _, _, _, kernel = _triton()
     b, n, c = x.shape
     out = torch.empty((b, n), dtype=torch.float32, device=x.device)
-    kernel[(b, _cdiv(n, block_n))](
+    kernel[(b, cdiv(n, block_n))](
         x.contiguous(), c1.contiguous(), c2.contiguous(), out, n, c, BLOCK_N=block_n, BLOCK_C=block_c
     )
     return out
@@ -194,15 +191,9 @@ def multiscale_score_triton(
 
 def resolve_backend(tensor: torch.Tensor, backend: str = "auto") -> str:
     """'triton' or 'torch' for an operation on ``tensor``."""
-    if backend == "auto":
-        backend = os.environ.get("STREAMVQA_STC_BACKEND", "auto")
-    if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"unknown STC kernel backend {backend!r} (auto, torch, triton)")
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' but triton does not import")
-    return backend
+    return choose_backend(
+        tensor, backend, env_var="STREAMVQA_STC_BACKEND", what="STC kernel", triton_available=triton_available
+    )
 
 
 def token_cosine(k: torch.Tensor, ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
