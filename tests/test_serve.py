@@ -38,7 +38,8 @@ from streamvqa.operators.serve.stages import (
     StoreConfig,
 )
 
-VOCAB = 96
+from tests.tiny_models import VOCAB, tiny_llama
+
 MEMORY = {"window_tokens": 20, "block_tokens": 10, "retrieve_tokens": 40, "max_new_tokens": 6}
 STC = {"cache_interval": 3, "update_token_ratio": 0.5}
 
@@ -58,22 +59,11 @@ def frames(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def tiny_lm_path(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
     path = tmp_path_factory.mktemp("tiny-llama")
     hf_logging.disable_progress_bar()
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tiny_llama().save_pretrained(path)
     return str(path)
 
 
