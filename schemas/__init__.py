@@ -49,7 +49,9 @@ from .records import (
     Query,
     Record,
     SourceOffset,
+    SpeechNote,
     StageLatency,
+    VisualNote,
 )
 
 __all__ = [
@@ -80,7 +82,9 @@ __all__ = [
     "SchemaError",
     "SchemaMismatch",
     "SourceOffset",
+    "SpeechNote",
     "StageLatency",
+    "VisualNote",
     "TruncatedMessage",
     "WrongRecordType",
     "WrongVersion",

@@ -53,6 +53,8 @@ from .records import (
     MemoryManifest,
     Query,
     Record,
+    SpeechNote,
+    VisualNote,
 )
 
 __all__ = [
@@ -88,6 +90,7 @@ class Limits:
     max_manifest_entries: int = 1_000_000  # per manifest list
     max_excerpt_bytes: int = 1024  # dead-letter payload excerpt
     max_detail_chars: int = 4096  # dead-letter detail
+    max_feature_dim: int = 8192  # visual note pooled feature
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -751,6 +754,45 @@ def _validate_manifest(r: MemoryManifest, limits: Limits) -> None:
         _between(s.next_offset, f"{path}.next_offset", 0)
 
 
+def _validate_visual_note(r: VisualNote, limits: Limits) -> None:
+    _id(r.stream_id, "stream_id")
+    _between(r.seq, "seq", 0)
+    _between(r.pts_us, "pts_us", 0)
+    _between(r.wall_us, "wall_us", 0)
+    _choice(r.tier, "tier", _NOTE_TIERS)
+    _pattern(r.reason, "reason", _NAME, "reason")
+    for name in ("score", "threshold"):
+        if getattr(r, name) is not None:
+            _finite(getattr(r, name), name)
+    _between(r.tokens, "tokens", 0)
+    _between(r.memory_tokens, "memory_tokens", 0)
+    _finite(r.cached_fraction, "cached_fraction")
+    if not 0.0 <= r.cached_fraction <= 1.0:
+        raise InvalidField(f"cached_fraction={r.cached_fraction} is not in [0, 1]", "cached_fraction")
+    _count(r.feature, "feature", limits.max_feature_dim)
+    for i, value in enumerate(r.feature):
+        _finite(value, f"feature[{i}]")
+    if r.keyframe_key and not _OBJECT_KEY.fullmatch(r.keyframe_key):
+        raise InvalidField(f"keyframe_key {_show(r.keyframe_key)} is not a valid object key", "keyframe_key")
+    _pattern(r.content_hash, "content_hash", _HASH, "content hash")
+    _finite(r.encode_ms, "encode_ms")
+    _between(r.encode_ms, "encode_ms", 0)
+
+
+def _validate_speech_note(r: SpeechNote, limits: Limits) -> None:
+    _id(r.stream_id, "stream_id")
+    _between(r.seq, "seq", 0)
+    _between(r.start_us, "start_us", 0)
+    _span(r.start_us, r.end_us, "span")
+    _between(r.wall_us, "wall_us", 0)
+    _text(r.text, "text", limits.max_answer_chars, allow_blank=True)
+    _finite(r.avg_logprob, "avg_logprob")
+    _finite(r.asr_ms, "asr_ms")
+    _between(r.asr_ms, "asr_ms", 0)
+
+
+_NOTE_TIERS = frozenset({"clear", "fuzzy"})
+
 _VALIDATORS = {
     Frame: _validate_frame,
     AudioChunk: _validate_audio,
@@ -758,6 +800,8 @@ _VALIDATORS = {
     Answer: _validate_answer,
     DeadLetter: _validate_dead_letter,
     MemoryManifest: _validate_manifest,
+    VisualNote: _validate_visual_note,
+    SpeechNote: _validate_speech_note,
 }
 
 # --------------------------------------------------------------------- dead letters

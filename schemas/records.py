@@ -44,7 +44,9 @@ __all__ = [
     "Query",
     "Record",
     "SourceOffset",
+    "SpeechNote",
     "StageLatency",
+    "VisualNote",
 ]
 
 CURRENT_VERSION = 1
@@ -361,11 +363,98 @@ class MemoryManifest:
         return self.stream_id.encode()
 
 
-Record = Frame | AudioChunk | Query | Answer | DeadLetter | MemoryManifest
+@_record
+class VisualNote:
+    """What the frame stage saw in one frame, for the stream's memory (the internal
+    ``memory`` topic). Key: ``stream_id``.
+
+    ``wall_us`` is the source frame's Kafka timestamp (the producer's wall clock at its
+    presentation time): the memory stage's frame watermark. ``feature`` is the pooled
+    visual feature (retrieval for "when did this appear?"); ``keyframe_key`` the object
+    key of a clear frame's JPEG ("" for fuzzy frames)."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "VisualNote",
+        _req("stream_id", pa.string()),
+        _req("seq", pa.int64()),
+        _req("pts_us", pa.int64()),
+        _req("wall_us", pa.int64()),
+        _req("tier", pa.string()),
+        _req("reason", pa.string()),
+        _opt("score", pa.float64()),
+        _opt("threshold", pa.float64()),
+        _req("tokens", pa.int32()),
+        _req("memory_tokens", pa.int64()),
+        _req("cached_fraction", pa.float64()),
+        _req("feature", _list_of(pa.float32())),
+        _req("keyframe_key", pa.string()),
+        _req("content_hash", pa.string()),
+        _req("encode_ms", pa.float64()),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {}
+
+    stream_id: str
+    seq: int
+    pts_us: int
+    wall_us: int
+    tier: str  # "clear" or "fuzzy"
+    reason: str  # why (CurveStream: first, above, below, warmup)
+    tokens: int  # visual tokens kept for this frame after pruning
+    memory_tokens: int  # the stream's visual memory after this frame
+    cached_fraction: float  # share of ViT work the STC cache skipped for this frame
+    feature: tuple[float, ...]
+    keyframe_key: str
+    content_hash: str
+    encode_ms: float
+    score: float | None = None  # curvature score (None while undefined)
+    threshold: float | None = None  # K-sigma threshold (None during warm-up)
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.stream_id.encode()
+
+
+@_record
+class SpeechNote:
+    """What was said in ``[start_us, end_us)`` of a stream (the internal ``memory`` topic).
+    Key: ``stream_id``. A blank ``text`` is a progress mark: no speech ended up to
+    ``end_us`` (it moves the memory stage's audio watermark during silence).
+    ``wall_us`` is the Kafka timestamp of the audio chunk that completed it."""
+
+    SCHEMA: ClassVar[pa.Schema] = _schema(
+        "SpeechNote",
+        _req("stream_id", pa.string()),
+        _req("seq", pa.int64()),
+        _req("start_us", pa.int64()),
+        _req("end_us", pa.int64()),
+        _req("wall_us", pa.int64()),
+        _req("text", pa.string()),
+        _req("avg_logprob", pa.float64()),
+        _req("asr_ms", pa.float64()),
+    )
+    VERSION: ClassVar[int] = CURRENT_VERSION
+    ITEMS: ClassVar[dict[str, type]] = {}
+
+    stream_id: str
+    seq: int  # the audio chunk that completed it
+    start_us: int
+    end_us: int
+    wall_us: int
+    text: str
+    avg_logprob: float = 0.0
+    asr_ms: float = 0.0
+    schema_version: int = CURRENT_VERSION
+
+    def message_key(self) -> bytes | None:
+        return self.stream_id.encode()
+
+
+Record = Frame | AudioChunk | Query | Answer | DeadLetter | MemoryManifest | VisualNote | SpeechNote
 
 #: Record name (the ``streamvqa.type`` schema metadata) -> record class.
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.__name__: cls for cls in (Frame, AudioChunk, Query, Answer, DeadLetter, MemoryManifest)
+    cls.__name__: cls for cls in (Frame, AudioChunk, Query, Answer, DeadLetter, MemoryManifest, VisualNote, SpeechNote)
 }
 
 

@@ -606,11 +606,14 @@ def produce(
     audio_topic: str | None = None,
     progress: bool = False,
     limits: Limits | None = None,
+    epoch_ms: int | None = None,
 ) -> ProduceReport:
     """Publish ``source`` to the frames (and audio) topic; returns what was sent.
 
     ``frames_topic``/``audio_topic`` default to the settings' topics. See the module
-    docstring for the sampling, pacing and resume rules.
+    docstring for the sampling, pacing and resume rules. ``epoch_ms``: the wall clock (ms)
+    of pts 0 in the records' Kafka timestamps (default: now at the first record), so a caller
+    can ask questions "at stream time t" (``asked_at_us = epoch_ms * 1000 + t``).
     """
     from streamvqa import connect
     from streamvqa.media import encode_jpeg
@@ -671,7 +674,6 @@ def produce(
         chunker = _AudioChunker(options.chunk_ms * AUDIO_RATE // 1000)
         wall0: float | None = None
         pts0: int | None = None
-        epoch_ms: int | None = None
         estimate = _estimate_frames(source, dataclasses.replace(options, limit=None))
 
         def total() -> int | None:

@@ -104,10 +104,12 @@ class TopicSettings(BaseModel):
     queries: str = "streamvqa.queries"
     answers: str = "streamvqa.answers"
     dead_letter: str = "streamvqa.dead-letter"
+    # internal: the stages' notes and forwarded questions, co-partitioned with the inputs
+    memory: str = "streamvqa.memory"
     partitions: int = Field(default=3, ge=1, le=1024)
     replication_factor: int = Field(default=1, ge=1)
 
-    @field_validator("frames", "audio", "queries", "answers", "dead_letter")
+    @field_validator("frames", "audio", "queries", "answers", "dead_letter", "memory")
     @classmethod
     def _topic_name(cls, value: str) -> str:
         if not _TOPIC_RE.match(value) or value in {".", ".."}:
@@ -122,6 +124,7 @@ class TopicSettings(BaseModel):
             "queries": self.queries,
             "answers": self.answers,
             "dead_letter": self.dead_letter,
+            "memory": self.memory,
         }
 
     @model_validator(mode="after")
@@ -192,6 +195,35 @@ class RunnerSettings(BaseModel):
         return self
 
 
+class PipelineSettings(BaseModel):
+    """The models and memory sizes of the main pipeline (``streamvqa run pipeline``).
+
+    The embedded default runs every model in process: DINOv2-S with the STC cache, silero-vad,
+    Whisper tiny.en and SmolLM2-135M-Instruct over transcripts and scene notes. ``lm_path``
+    names a local Hugging Face checkpoint instead (a text LM, or the language model of
+    Qwen2.5-VL / LLaVA-OneVision: see docs/pipeline.md); nothing is downloaded.
+    """
+
+    encoder: str = "stc-dinov2-s-imgfocus"
+    lm_path: Path | None = None  # None: the shipped SmolLM2-135M-Instruct
+    lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    window_tokens: int = Field(default=256, ge=16)
+    block_tokens: int = Field(default=64, ge=8)
+    retrieve_tokens: int = Field(default=384, ge=0)
+    top_k: int = Field(default=3, ge=0)  # retrieved blocks per question (their time ranges are the evidence)
+    max_new_tokens: int = Field(default=32, ge=1, le=512)
+    answer_context: Literal["stored", "recompute"] = "recompute"
+    text_features: bool = True  # MiniLM sentence features beside the ReKV score
+    budget_tokens: int = Field(default=16384, ge=256)  # CurveStream visual memory
+    keyframes: bool = True  # clear frames' JPEGs to the object store
+    speech: bool = True  # VAD + ASR on the audio topic
+    audio_progress_s: float = Field(default=2.0, gt=0)  # silence marks for the audio watermark
+    hold_timeout_s: float = Field(default=10.0, ge=0)  # a question waits at most this for its sources
+    image_match_threshold: float = Field(default=0.6, ge=-1, le=1)
+    heartbeat_s: float = Field(default=0.5, gt=0)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STREAMVQA_",
@@ -207,6 +239,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     local: LocalStackSettings = LocalStackSettings()
     runner: RunnerSettings = RunnerSettings()
+    pipeline: PipelineSettings = PipelineSettings()
 
     @classmethod
     def settings_customise_sources(

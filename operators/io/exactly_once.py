@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -60,6 +60,18 @@ class StreamProcessor(Protocol):
     def encode_state(self, state: Any) -> bytes: ...
 
     def decode_state(self, data: bytes) -> Any: ...
+
+
+class TickingProcessor(StreamProcessor, Protocol):
+    """A processor that also acts on time (e.g. a question held for its sources times out).
+
+    ``tick`` is called on heartbeats of an idle partition (``SourceConfig.heartbeat_s``) for
+    every stream the task holds, with the wall clock in microseconds; it returns the new
+    state and outputs like ``process``. What a tick emits must be keyed like any output (a
+    replayed tick's output is recognised), and a state that a tick changed is snapshotted.
+    """
+
+    def tick(self, state: Any, now_us: int) -> tuple[Any, list[Output]]: ...
 
 
 @dataclass
@@ -210,6 +222,28 @@ class PartitionTask:
         if self.commit_due():
             self.commit()
 
+    def tick(self, now_us: int | None = None) -> int:
+        """Give a ticking processor (one with ``tick``) a turn on every stream this task holds;
+        returns how many streams it changed. Commits when due."""
+        tick = getattr(self.processor, "tick", None)
+        if tick is None:
+            return 0
+        now_us = int(time.time() * 1e6) if now_us is None else now_us
+        changed = 0
+        for slot in self._slots.values():
+            state, outputs = tick(slot.state, now_us)
+            if state is slot.state and not outputs:
+                continue
+            slot.state, slot.dirty = state, True
+            changed += 1
+            for output in outputs:
+                self.producer.send(output)
+        if changed:
+            self._uncommitted += 1
+        if self.commit_due():
+            self.commit()
+        return changed
+
     def has_uncommitted(self) -> bool:
         return self._uncommitted > 0
 
@@ -324,7 +358,14 @@ class ExactlyOnceDoFn(beam.DoFn):
     It emits nothing; its outputs go to Kafka through the task's producer.
     """
 
-    def __init__(self, config: TaskConfig, processor_factory: Callable[[], StreamProcessor]) -> None:
+    def __init__(
+        self,
+        config: TaskConfig,
+        processor_factory: Callable[[], StreamProcessor] | Mapping[str, Callable[[], StreamProcessor]],
+    ) -> None:
+        """``processor_factory``: one processor for every input topic, or a mapping from input
+        topic to the factory of that topic's processor (one fused step reading several topics:
+        each topic's streams have their own state and snapshots, under the processor's name)."""
         self.config = config
         self.processor_factory = processor_factory
         self._tasks: dict[tuple[str, int], PartitionTask] = {}
@@ -341,9 +382,27 @@ class ExactlyOnceDoFn(beam.DoFn):
         )
         self._committer = OffsetCommitter(KafkaConsumer(**c.kafka, group_id=c.group, enable_auto_commit=False))
         self._store = ObjectStore(c.s3, c.bucket)
-        self._processor = self.processor_factory()
-        self._snapshots = SnapshotStore(self._store, snapshot_namespace(c.group, self._processor.name))
+        self._processors: dict[str | None, tuple[StreamProcessor, SnapshotStore]] = {}
+        factories = (
+            dict(self.processor_factory)
+            if isinstance(self.processor_factory, Mapping)
+            else {None: self.processor_factory}
+        )
+        for topic, factory in factories.items():
+            processor = factory()
+            self._processors[topic] = (
+                processor, SnapshotStore(self._store, snapshot_namespace(c.group, processor.name))
+            )
+        names = [p.name for p, _ in self._processors.values()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"processors of one step need distinct names, got {names}")
         self._tasks = {}
+
+    def _processor_for(self, topic: str) -> tuple[StreamProcessor, SnapshotStore]:
+        found = self._processors.get(topic) or self._processors.get(None)
+        if found is None:
+            raise KeyError(f"no processor for topic {topic!r} (has {sorted(map(str, self._processors))})")
+        return found
 
     def _reader(self):
         from kafka import KafkaConsumer
@@ -352,12 +411,13 @@ class ExactlyOnceDoFn(beam.DoFn):
                              fetch_max_wait_ms=20,
                              max_partition_fetch_bytes=self.config.max_message_bytes + 65536)
 
-    def _task(self, record: KafkaRecord) -> PartitionTask:
-        key = (record.topic, record.partition)
+    def _task(self, topic: str, partition: int) -> PartitionTask:
+        key = (topic, partition)
         task = self._tasks.get(key)
         if task is None:
+            processor, snapshots = self._processor_for(topic)
             task = PartitionTask(
-                record.topic, record.partition, self._processor, self._snapshots, self._store,
+                topic, partition, processor, snapshots, self._store,
                 self.config.group, self._producer, self._committer, self.config.dead_letter_topic,
                 self.config.commit_every, self.config.commit_interval_s,
             )
@@ -370,9 +430,13 @@ class ExactlyOnceDoFn(beam.DoFn):
     def process(self, element: KafkaRecord | KafkaBatch) -> Iterable[None]:
         records = element.records if isinstance(element, KafkaBatch) else (element,)
         if records:
-            task = self._task(records[0])
+            task = self._task(records[0].topic, records[0].partition)
             for record in records:
                 task.process(record)
+        else:  # a heartbeat of an idle partition: time passes for the streams it holds
+            task = self._tasks.get((element.topic, element.partition))
+            if task is not None:
+                task.tick()
         return ()
 
     def finish_bundle(self) -> None:
@@ -398,4 +462,5 @@ __all__ = [
     "SnapshotConflict",
     "StreamProcessor",
     "TaskConfig",
+    "TickingProcessor",
 ]

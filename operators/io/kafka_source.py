@@ -18,7 +18,9 @@ service cannot run here), so streamvqa reads Kafka itself:
   (used by tests and file replays);
 - one element per record (KafkaRecord), or with ``batch=True`` one element per
   poll (KafkaBatch, consecutive records of one partition) so that Beam's
-  per-element cost is paid per batch.
+  per-element cost is paid per batch;
+- with ``heartbeat_s``, an idle partition emits an empty KafkaBatch now and then
+  (a tick: the exactly-once task lets its processor act on time, see ``tick``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class SourceConfig:
     max_fetch_bytes: int = 17 * 1024 * 1024
     emit_end_of_stream: bool = False  # pass the end-of-stream record on (tasks commit on it)
     batch: bool = False  # emit a KafkaBatch per poll instead of a KafkaRecord per message
+    # With ``batch``: an idle partition emits an empty KafkaBatch at most this often, so that
+    # stages holding work for a time (questions waiting for their sources) get a turn.
+    heartbeat_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def consumer(self, with_group: bool = False):
@@ -101,6 +106,7 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
         self._consumers: dict[tuple[str, int], Any] = {}
         self._idle: dict[tuple[str, int], float] = {}
         self._next: dict[tuple[str, int], int] = {}  # where the consumer stands per partition
+        self._beat: dict[tuple[str, int], float] = {}  # last heartbeat per partition
 
     # -- restriction provider ---------------------------------------------------------
 
@@ -185,8 +191,14 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
         key = (element.topic, element.partition)
         if emitted:
             self._idle.pop(key, None)
+            self._beat[key] = time.monotonic()
             delay = 0.0
         else:
+            beat = self.config.heartbeat_s
+            if self.config.batch and beat is not None and time.monotonic() - self._beat.get(key, 0.0) >= beat:
+                self._beat[key] = time.monotonic()
+                stamp = watermark.current_watermark() or Timestamp.of(time.time())
+                yield beam.window.TimestampedValue(KafkaBatch(element.topic, element.partition, ()), stamp)
             low, high = self.config.idle_backoff_s
             delay = min(high, self._idle.get(key, low / 2) * 2)
             self._idle[key] = delay

@@ -1,0 +1,102 @@
+"""AudioStage: decode/validate -> voice activity (silero-vad) -> speech recognition (Whisper
+tiny.en via faster-whisper) -> a SpeechNote per utterance on the memory topic.
+
+During silence it notes progress (a blank SpeechNote every ``progress_us`` of stream time), so
+the memory stage knows how far the audio has been heard: a question waits for it.
+State per stream: the VAD state (its open segment included) and the last progress mark.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+
+from streamvqa.operators.audio import SpeechToText, VadState
+from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.schemas import AudioChunk, Limits, SpeechNote, decode
+from streamvqa.schemas.errors import InvalidField
+
+from .common import note, wall_us
+
+_STATE = b"streamvqa.audio-stage/1"
+
+
+@dataclass
+class AudioStageState:
+    vad: VadState
+    last_seq: int = -1
+    marked_us: int = -1  # end of the last note (speech or progress) sent
+    utterances: int = 0
+
+    def to_bytes(self) -> bytes:
+        head = json.dumps(
+            {"last_seq": self.last_seq, "marked_us": self.marked_us, "utterances": self.utterances}
+        ).encode()
+        return _STATE + struct.pack("<I", len(head)) + head + self.vad.to_bytes()
+
+
+@dataclass
+class AudioStage:
+    speech: SpeechToText
+    memory_topic: str
+    progress_us: int = 2_000_000
+    limits: Limits = field(default_factory=Limits)
+    name: str = "audio"
+
+    def initial_state(self, stream_id: str) -> AudioStageState:
+        return AudioStageState(self.speech.initial_state(stream_id))
+
+    def encode_state(self, state: AudioStageState) -> bytes:
+        return state.to_bytes()
+
+    def decode_state(self, data: bytes) -> AudioStageState:
+        if not data.startswith(_STATE):
+            raise ValueError("not an audio stage state")
+        at = len(_STATE)
+        (n,) = struct.unpack_from("<I", data, at)
+        head = json.loads(data[at + 4 : at + 4 + n])
+        vad = VadState.from_bytes(data[at + 4 + n :])
+        return AudioStageState(vad, head["last_seq"], head["marked_us"], head["utterances"])
+
+    def process(self, state: AudioStageState, record: KafkaRecord) -> tuple[AudioStageState, list[Output]]:
+        chunk = decode(record.value, AudioChunk, self.limits)  # SchemaError -> dead letter
+        if chunk.stream_id.encode() != record.key:
+            raise InvalidField(f"record key {record.key!r} is not the chunk's stream id", "stream_id")
+        if chunk.seq <= state.last_seq:
+            return state, []
+        t0 = time.perf_counter()
+        try:
+            transcripts, vad = self.speech.process_chunk(state.vad, chunk)
+        except ValueError as err:  # e.g. a sample rate the VAD cannot take
+            raise InvalidField(str(err), "payload") from err
+        asr_ms = (time.perf_counter() - t0) * 1000
+        state = AudioStageState(vad, chunk.seq, state.marked_us, state.utterances)
+        wall = wall_us(record)
+        outputs: list[Output] = []
+        for t in transcripts:
+            speech = SpeechNote(
+                stream_id=chunk.stream_id, seq=chunk.seq, start_us=t.start_us, end_us=max(t.end_us, t.start_us),
+                wall_us=wall, text=t.text.strip(), avg_logprob=float(t.avg_logprob), asr_ms=asr_ms,
+            )
+            outputs.append(note(self.memory_topic, f"{chunk.stream_id}/speech/{t.start_us}", speech, record))
+            state.marked_us = max(state.marked_us, t.end_us)
+            state.utterances += 1
+        heard_us = chunk.pts_us + _duration_us(chunk)
+        # progress while nothing is open: the audio up to here holds no unfinished speech
+        if not vad.triggered and heard_us - max(state.marked_us, 0) >= self.progress_us:
+            start = max(state.marked_us, 0)
+            mark = SpeechNote(
+                stream_id=chunk.stream_id, seq=chunk.seq, start_us=start, end_us=heard_us, wall_us=wall, text="",
+            )
+            outputs.append(note(self.memory_topic, f"{chunk.stream_id}/heard/{chunk.seq}", mark, record))
+            state.marked_us = heard_us
+        return state, outputs
+
+
+def _duration_us(chunk: AudioChunk) -> int:
+    from streamvqa.schemas import SAMPLE_FORMATS
+
+    frames = len(chunk.payload) // (chunk.channels * SAMPLE_FORMATS[chunk.sample_format])
+    return frames * 1_000_000 // chunk.sample_rate

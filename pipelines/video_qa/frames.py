@@ -1,0 +1,166 @@
+"""FrameStage: decode/validate -> vision encoder with the STC cache -> CurveStream routing ->
+STC pruning -> keyframes to the object store -> a VisualNote per frame on the memory topic.
+
+State per stream (snapshotted with the input offsets): the CurveStream state, the pruner's
+running mean and the last sequence number. The STC reference cache is a cache, not state: it
+lives in the encoder (per stream) and is not snapshotted (it is 19 MB per stream at 224 px); a
+restarted worker encodes the stream's next frame in full and makes it the reference, so the
+features after a restart differ from an uninterrupted run's within the cacher's fidelity.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from streamvqa.operators.curvature.operator import CurveStream, CurveStreamConfig, CurveStreamState
+from streamvqa.operators.curvature.records import FrameInput
+from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.vision.stc_prune import STCPruneConfig, STCPruner, STCPruneState
+from streamvqa.schemas import Frame, Limits, VisualNote, decode
+from streamvqa.schemas.errors import InvalidField
+
+from streamvqa.media import decode_jpeg, encode_jpeg
+from streamvqa.storage.keys import content_hash, object_key
+
+from .common import note, wall_us
+
+_STATE = b"streamvqa.frame-stage/1"
+
+
+@dataclass
+class FrameStageState:
+    curve: CurveStreamState
+    prune: STCPruneState
+    last_seq: int = -1
+    frames: int = 0
+    keyframes: int = 0
+
+    def to_bytes(self) -> bytes:
+        head = json.dumps({"last_seq": self.last_seq, "frames": self.frames, "keyframes": self.keyframes}).encode()
+        curve, prune = self.curve.to_bytes(), self.prune.to_bytes()
+        return _STATE + struct.pack("<III", len(head), len(curve), len(prune)) + head + curve + prune
+
+
+def pixels_of(frame: Frame) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of a frame; a payload that does not decode is a bad record."""
+    if frame.codec == "rgb24":
+        return np.frombuffer(frame.payload, np.uint8).reshape(frame.height, frame.width, 3)
+    try:
+        pixels = decode_jpeg(frame.payload)  # PIL: JPEG and PNG
+    except Exception as err:
+        raise InvalidField(f"{frame.codec} payload does not decode: {err}", "payload") from err
+    if pixels.shape[:2] != (frame.height, frame.width):
+        raise InvalidField(
+            f"payload is {pixels.shape[1]}x{pixels.shape[0]}, the record says {frame.width}x{frame.height}",
+            "payload",
+        )
+    return pixels
+
+
+@dataclass
+class FrameStage:
+    """Per stream: encode, route, prune and note each new frame; keyframes to the object store.
+
+    ``encoder``: a :class:`~streamvqa.operators.vision.VisionEncoder`; with an STC-cached one
+    (``stc-dinov2-s-imgfocus``) each stream's reference cache carries across frames.
+    ``store``: an object store for keyframes (None: keyframes are not stored).
+    """
+
+    encoder: object
+    memory_topic: str
+    store: object | None = None
+    curvature: CurveStreamConfig = field(default_factory=CurveStreamConfig)
+    pruning: STCPruneConfig = field(default_factory=STCPruneConfig)
+    limits: Limits = field(default_factory=Limits)
+    name: str = "frames"
+
+    def __post_init__(self) -> None:
+        grid = tuple(self.encoder.grid)
+        if self.curvature.grid != grid:
+            self.curvature = CurveStreamConfig(
+                **{**self.curvature.to_dict(), "grid": grid, "clear_tokens": grid[0] * grid[1]}
+            )
+        self.router = CurveStream(self.curvature)
+        self.pruner = STCPruner(self.pruning)
+        self._per_stream = "stream_id" in inspect.signature(self.encoder.encode).parameters
+
+    # -- state -------------------------------------------------------------------
+    def initial_state(self, stream_id: str) -> FrameStageState:
+        return FrameStageState(self.router.init_state(), self.pruner.init_state())
+
+    def encode_state(self, state: FrameStageState) -> bytes:
+        return state.to_bytes()
+
+    def decode_state(self, data: bytes) -> FrameStageState:
+        if not data.startswith(_STATE):
+            raise ValueError("not a frame stage state")
+        at = len(_STATE)
+        n_head, n_curve, n_prune = struct.unpack_from("<III", data, at)
+        at += 12
+        head = json.loads(data[at : at + n_head])
+        at += n_head
+        curve = self.router.restore(data[at : at + n_curve])
+        prune = STCPruneState.from_bytes(data[at + n_curve : at + n_curve + n_prune])
+        return FrameStageState(curve, prune, head["last_seq"], head["frames"], head["keyframes"])
+
+    # -- processing --------------------------------------------------------------
+    def process(self, state: FrameStageState, record: KafkaRecord) -> tuple[FrameStageState, list[Output]]:
+        frame = decode(record.value, Frame, self.limits)  # SchemaError -> dead letter
+        if frame.stream_id.encode() != record.key:
+            raise InvalidField(f"record key {record.key!r} is not the frame's stream id", "stream_id")
+        if frame.seq <= state.last_seq:
+            return state, []  # a duplicate or a replay: already noted
+        pixels = pixels_of(frame)
+        t0 = time.perf_counter()
+        encoded = self._encode(frame.stream_id, pixels)
+        encode_ms = (time.perf_counter() - t0) * 1000
+        stats = getattr(self.encoder, "last_stats", None) or []
+        cached = float(stats[-1].skipped_fraction) if stats else 0.0
+        pooled = encoded.pooled[0].float().cpu().numpy().astype(np.float32)
+        digest = content_hash(frame.payload)
+        step = self.router.step(state.curve, FrameInput(frame.seq, frame.pts_us, pooled, content_hash=digest))
+        decision = step.decision
+        state.last_seq, state.frames = frame.seq, state.frames + 1
+        if decision is None:  # the router had seen this seq (state restored past it)
+            return state, []
+        kept = self.pruner.prune(state.prune, encoded.patch_tokens.float().cpu(), encoded.grid, tiers=[decision.tier])
+        key = ""
+        if decision.tier == "clear" and self.store is not None:
+            jpeg = frame.payload if frame.codec == "jpeg" else encode_jpeg(pixels)
+            key = object_key(frame.stream_id, "keyframes", f"{frame.seq:010d}", jpeg)
+            self.store.put(key, jpeg)  # content-addressed: writing it again after a replay is harmless
+            state.keyframes += 1
+        visual = VisualNote(
+            stream_id=frame.stream_id,
+            seq=frame.seq,
+            pts_us=frame.pts_us,
+            wall_us=wall_us(record),
+            tier=decision.tier,
+            reason=decision.reason,
+            score=_finite_or_none(decision.score),
+            threshold=_finite_or_none(decision.threshold),
+            tokens=len(kept[0]),
+            memory_tokens=decision.memory_tokens,
+            cached_fraction=min(1.0, max(0.0, cached)),
+            feature=tuple(float(x) for x in pooled),
+            keyframe_key=key,
+            content_hash=digest,
+            encode_ms=encode_ms,
+        )
+        return state, [note(self.memory_topic, f"{frame.stream_id}/frame/{frame.seq}", visual, record)]
+
+    def _encode(self, stream_id: str, pixels: np.ndarray):
+        with torch.inference_mode():
+            if self._per_stream:  # an STC-cached encoder: the stream's reference cache
+                return self.encoder.encode(pixels[None], stream_id=stream_id)
+            return self.encoder.encode(pixels[None])
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None

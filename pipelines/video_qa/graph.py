@@ -1,0 +1,186 @@
+"""The main pipeline graph: one Kafka read of the four input topics, one fused exactly-once step.
+
+    frames, audio, queries, memory  --ReadFromKafka-->  ExactlyOnceDoFn({topic: stage})
+        frames  -> FrameStage  -> memory topic
+        audio   -> AudioStage  -> memory topic
+        queries -> QueryStage  -> memory topic
+        memory  -> MemoryStage -> answers topic
+
+The stages meet on the memory topic (co-partitioned with the inputs: keyed by stream id), not
+inside one task, so each keeps the exactly-once commit protocol of one input partition. The
+streaming path stays fused (FnApiRunner holds output behind any fusion break until the source
+ends); on Flink the same graph runs with the runner settings (``settings.runner``), each worker
+owning some partitions. Models load once per worker, on first use.
+
+    streamvqa run pipeline [--group streamvqa]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import apache_beam as beam
+import torch
+from streamvqa.operators.io.exactly_once import ExactlyOnceDoFn, TaskConfig
+from streamvqa.operators.io.kafka_source import ReadFromKafka, SourceConfig
+from streamvqa.pipelines.runner import make_runner, pipeline_options
+
+from streamvqa import connect
+from streamvqa.settings import Settings
+
+from .common import limits_from
+
+log = logging.getLogger("streamvqa.pipeline")
+DEFAULT_GROUP = "streamvqa"
+SMOLLM2 = "smollm2"
+
+
+def input_topics(settings: Settings) -> list[str]:
+    t = settings.topics
+    topics = [t.frames, t.queries, t.memory]
+    if settings.pipeline.speech:
+        topics.insert(1, t.audio)
+    return topics
+
+
+# ------------------------------------------------------------------------- models
+def build_encoder(settings: Settings):
+    from streamvqa.operators.vision import build_encoder as build
+
+    return build(settings.pipeline.encoder)
+
+
+def load_memory_models(settings: Settings):
+    """(KVMemory, image encoder) for the memory stage."""
+    from streamvqa.operators.lm.memory import KVMemory, KVMemoryConfig
+    from streamvqa.operators.lm.model import DecoderAdapter
+    from streamvqa.operators.serve.stages import StoreConfig
+    from streamvqa.operators.vision import DEFAULT_ENCODER
+    from streamvqa.operators.vision import build_encoder as build
+
+    p = settings.pipeline
+    model, tokenizer, model_id = load_language_model(p.lm_path, p.lm_dtype)
+    store = StoreConfig.from_settings(settings).kv_store()
+    embedder = None
+    if p.text_features:
+        from streamvqa.operators.lm.features import MiniLMEmbedder
+
+        embedder = MiniLMEmbedder()
+    config = KVMemoryConfig(
+        window_tokens=p.window_tokens, block_tokens=p.block_tokens, retrieve_tokens=p.retrieve_tokens,
+        top_k=p.top_k, max_new_tokens=p.max_new_tokens, answer_context=p.answer_context,
+    )
+    memory = KVMemory(DecoderAdapter(model, model_id=model_id), store, tokenizer=tokenizer, config=config,
+                      embedder=embedder)
+    # the frame stage's features come from the STC-cached DINOv2-S: the plain one is its reference
+    image_encoder = build(DEFAULT_ENCODER if "dinov2" in p.encoder else p.encoder)
+    return memory, image_encoder
+
+
+def load_language_model(path: Path | None, dtype: str = "float32"):
+    """(model, tokenizer, model id): SmolLM2-135M-Instruct shipped in a package, or a local
+    Hugging Face checkpoint (a text LM, or Qwen2.5-VL / LLaVA-OneVision: their language model)."""
+    torch_dtype = getattr(torch, dtype)
+    if path is None:
+        from streamvqa.operators.lm.smollm2 import MODEL_ID, load_smollm2
+
+        model, tokenizer = load_smollm2(dtype=torch_dtype)
+        return model, tokenizer, MODEL_ID
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"pipeline.lm_path {path} is not a folder with a Hugging Face checkpoint")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type in ("qwen2_5_vl", "llava_onevision"):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer, f"local/{path.name}"
+
+
+# -------------------------------------------------------------------------- stages
+class StageFactories:
+    """Picklable factories of the four stages (run on the worker, once per DoFn instance)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _objects(self):
+        return connect.object_store(self.settings, connect.resolve_endpoints(self.settings))
+
+    def frames(self):
+        from streamvqa.operators.curvature.operator import CurveStreamConfig
+
+        from .frames import FrameStage
+
+        p = self.settings.pipeline
+        return FrameStage(
+            build_encoder(self.settings), self.settings.topics.memory,
+            store=self._objects() if p.keyframes else None,
+            curvature=CurveStreamConfig(budget_tokens=p.budget_tokens), limits=limits_from(self.settings),
+        )
+
+    def audio(self):
+        from streamvqa.operators.audio import SpeechToText
+
+        from .audio import AudioStage
+
+        p = self.settings.pipeline
+        return AudioStage(SpeechToText(), self.settings.topics.memory, progress_us=int(p.audio_progress_s * 1e6),
+                          limits=limits_from(self.settings))
+
+    def queries(self):
+        from .queries import QueryStage
+
+        return QueryStage(self.settings.topics.memory, limits=limits_from(self.settings))
+
+    def memory(self):
+        from .memory import MemoryStage, MemoryStageConfig
+
+        p = self.settings.pipeline
+        settings = self.settings
+        return MemoryStage(
+            lambda: load_memory_models(settings), settings.topics.answers, objects=self._objects(),
+            config=MemoryStageConfig(hold_timeout_us=int(p.hold_timeout_s * 1e6),
+                                     image_match_threshold=p.image_match_threshold),
+            limits=limits_from(settings),
+        )
+
+    def by_topic(self) -> dict:
+        t = self.settings.topics
+        out = {t.frames: self.frames, t.queries: self.queries, t.memory: self.memory}
+        if self.settings.pipeline.speech:
+            out[t.audio] = self.audio
+        return out
+
+
+def build(pipeline: beam.Pipeline, settings: Settings, group: str = DEFAULT_GROUP) -> None:
+    endpoints = connect.resolve_endpoints(settings)
+    kafka = connect.kafka_config(settings, endpoints)
+    p = settings.pipeline
+    source = SourceConfig(
+        client=kafka, group_id=group, emit_end_of_stream=True, batch=True, poll_timeout_ms=20,
+        max_bundle_records=64, max_bundle_seconds=0.5, idle_backoff_s=(0.01, 0.1), heartbeat_s=p.heartbeat_s,
+    )
+    task = TaskConfig(
+        kafka=kafka, s3=endpoints.s3, bucket=settings.s3.bucket, group=group,
+        output_topics=(settings.topics.memory, settings.topics.answers),
+        dead_letter_topic=settings.topics.dead_letter, commit_interval_s=p.commit_interval_s,
+        max_message_bytes=settings.limits.max_message_bytes,
+    )
+    factories = StageFactories(settings)
+    (
+        pipeline
+        | "Read" >> ReadFromKafka(source, input_topics(settings))
+        | "Stages" >> beam.ParDo(ExactlyOnceDoFn(task, factories.by_topic()))
+    )
+
+
+def run(settings: Settings, group: str = DEFAULT_GROUP) -> None:
+    with beam.Pipeline(runner=make_runner(settings), options=pipeline_options(settings)) as pipeline:
+        build(pipeline, settings, group)

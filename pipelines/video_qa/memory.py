@@ -1,0 +1,413 @@
+"""MemoryStage: a stream's memory and its answers.
+
+It reads the memory topic, where a stream's VisualNotes, SpeechNotes and forwarded Queries meet
+in one partition, in order:
+
+- a SpeechNote's text is prefilled into the stream's KV memory (``[12.3-15.0 s] ...``); a
+  visual scene change becomes a short note there too; every VisualNote's pooled feature joins
+  the stream's visual index (for "when did this appear?");
+- a Query is held until both sources have caught up with it: the frame watermark (the wall
+  clock of the last frame noted) and, if the stream has audio, the audio watermark have passed
+  its ``asked_at_us`` (a question sees the stream up to when it was asked, whatever the stages'
+  lags), or until ``hold_timeout_us`` passed (a heartbeat tick: a source that stopped, or a
+  stream nobody has seen: answered "unknown stream");
+- a text question is answered from the KV memory (retrieval of the relevant blocks, then
+  decoding), an image question by cosine retrieval over the visual index. Each Answer carries
+  its evidence time ranges (best first) and a latency breakdown.
+
+State per stream: the KV memory (written content-addressed to the object store when it
+changed; the snapshot holds its key), the visual index, the watermarks, the held questions and
+the ids of the last answered ones (a question asked twice is answered once).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.schemas import (
+    Answer,
+    EvidenceSpan,
+    Limits,
+    ManifestBlock,
+    MemoryManifest,
+    Query,
+    SpeechNote,
+    StageLatency,
+    VisualNote,
+    decode,
+    decode_any,
+    encode,
+)
+from streamvqa.schemas.errors import WrongRecordType
+
+from streamvqa.storage.keys import content_hash, stream_prefix
+
+from .common import now_us, wall_us
+
+_STATE = b"streamvqa.memory-stage/1"
+SYSTEM_ID = "streamvqa"
+KEEP_ANSWERED = 1024  # ids of answered questions remembered per stream (duplicates answered once)
+
+
+@dataclass(frozen=True)
+class MemoryStageConfig:
+    hold_timeout_us: int = 10_000_000
+    image_match_threshold: float = 0.6
+    image_match_margin: float = 0.08  # spans within this similarity of the best one are reported too
+    scene_note_gap_us: int = 5_000_000  # at most one scene-change note per this much stream time
+    max_spans: int = 3
+
+
+@dataclass
+class Held:
+    data: bytes  # the encoded Query
+    query_id: str
+    asked_at_us: int
+    received_us: int  # wall clock when it reached the memory topic
+
+
+@dataclass
+class MemoryState:
+    stream_id: str
+    kv: object | None = None  # StreamKV
+    kv_version: int = 0  # bumped whenever ``kv`` changes
+    kv_saved: tuple[int, str] | None = None  # (version, object key) of the last persisted kv
+    frames_wall_us: int = -1
+    audio_wall_us: int = -1
+    last_frame_seq: int = -1
+    heard_us: int = -1
+    last_scene_note_us: int = -(1 << 62)
+    seqs: list[int] = field(default_factory=list)
+    pts: list[int] = field(default_factory=list)
+    features: np.ndarray | None = None  # (frames, D) float16
+    held: list[Held] = field(default_factory=list)
+    answered: list[str] = field(default_factory=list)
+    utterances: int = 0
+
+    @property
+    def seen(self) -> bool:
+        return self.frames_wall_us >= 0 or self.audio_wall_us >= 0
+
+
+class MemoryStage:
+    """Per stream: notes into memory, questions held for their sources, then answered.
+
+    ``memory``: a :class:`~streamvqa.operators.lm.memory.KVMemory` (its store writes blocks
+    through to the object store); ``image_encoder``: a vision encoder whose pooled feature lives
+    in the same space as the frame stage's; ``objects``: the object store (KV state, manifests).
+    Models are built by ``load`` on first use, so a stage that only holds questions is cheap.
+    """
+
+    name = "memory"
+
+    def __init__(
+        self,
+        load: Callable[[], tuple[object, object]],
+        answers_topic: str,
+        objects=None,
+        config: MemoryStageConfig | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self._load = load
+        self._models: tuple[object, object] | None = None
+        self.answers_topic = answers_topic
+        self.objects = objects
+        self.config = config or MemoryStageConfig()
+        self.limits = limits or Limits()
+
+    @property
+    def memory(self):
+        return self.models[0]
+
+    @property
+    def image_encoder(self):
+        return self.models[1]
+
+    @property
+    def models(self) -> tuple[object, object]:
+        if self._models is None:
+            self._models = self._load()
+        return self._models
+
+    # -- state -------------------------------------------------------------------
+    def initial_state(self, stream_id: str) -> MemoryState:
+        return MemoryState(stream_id)
+
+    def encode_state(self, state: MemoryState) -> bytes:
+        kv_key = None
+        if state.kv is not None:
+            if state.kv_saved is None or state.kv_saved[0] != state.kv_version:
+                blob = state.kv.to_bytes()
+                key = f"{stream_prefix(state.stream_id)}memory/kv-state/{content_hash(blob)[:32]}"
+                if self.objects is None:
+                    raise RuntimeError("the memory stage needs an object store to snapshot its KV memory")
+                self.objects.put(key, blob)
+                state.kv_saved = (state.kv_version, key)
+            kv_key = state.kv_saved[1]
+        feats = b"" if state.features is None else state.features.astype("<f2").tobytes()
+        head = {
+            "stream_id": state.stream_id,
+            "kv_key": kv_key,
+            "kv_version": state.kv_version,
+            "frames_wall_us": state.frames_wall_us,
+            "audio_wall_us": state.audio_wall_us,
+            "last_frame_seq": state.last_frame_seq,
+            "heard_us": state.heard_us,
+            "last_scene_note_us": state.last_scene_note_us,
+            "seqs": state.seqs,
+            "pts": state.pts,
+            "dim": 0 if state.features is None else int(state.features.shape[1]),
+            "held": [
+                [base64.b64encode(h.data).decode(), h.query_id, h.asked_at_us, h.received_us] for h in state.held
+            ],
+            "answered": state.answered,
+            "utterances": state.utterances,
+        }
+        raw = json.dumps(head, sort_keys=True).encode()
+        return _STATE + struct.pack("<I", len(raw)) + raw + feats
+
+    def decode_state(self, data: bytes) -> MemoryState:
+        from streamvqa.operators.lm.memory import StreamKV
+
+        if not data.startswith(_STATE):
+            raise ValueError("not a memory stage state")
+        at = len(_STATE)
+        (n,) = struct.unpack_from("<I", data, at)
+        head = json.loads(data[at + 4 : at + 4 + n])
+        feats = data[at + 4 + n :]
+        state = MemoryState(head["stream_id"])
+        if head["kv_key"] is not None:
+            state.kv = StreamKV.from_bytes(self.objects.get(head["kv_key"]), self.memory.store)
+            state.kv_version = head["kv_version"]
+            state.kv_saved = (state.kv_version, head["kv_key"])
+        for name in ("frames_wall_us", "audio_wall_us", "last_frame_seq", "heard_us", "last_scene_note_us",
+                     "seqs", "pts", "answered", "utterances"):
+            setattr(state, name, head[name])
+        if head["dim"]:
+            state.features = np.frombuffer(feats, "<f2").reshape(-1, head["dim"]).copy()
+        state.held = [Held(base64.b64decode(d), q, a, r) for d, q, a, r in head["held"]]
+        return state
+
+    # -- processing --------------------------------------------------------------
+    def process(self, state: MemoryState, record: KafkaRecord) -> tuple[MemoryState, list[Output]]:
+        item = decode_any(record.value, self.limits)  # SchemaError -> dead letter
+        if item.stream_id != state.stream_id:
+            raise WrongRecordType(f"a {type(item).__name__} of stream {item.stream_id!r} keyed {record.key!r}")
+        if isinstance(item, VisualNote):
+            self._visual(state, item)
+        elif isinstance(item, SpeechNote):
+            self._speech(state, item)
+        elif isinstance(item, Query):
+            if item.query_id not in state.answered and all(h.query_id != item.query_id for h in state.held):
+                state.held.append(Held(record.value, item.query_id, item.asked_at_us, wall_us(record)))
+        else:
+            raise WrongRecordType(f"the memory topic carries notes and queries, not a {type(item).__name__}")
+        return state, self._release(state, None)
+
+    def tick(self, state: MemoryState, now: int) -> tuple[MemoryState, list[Output]]:
+        if not any(now - h.received_us >= self.config.hold_timeout_us for h in state.held):
+            return state, []
+        return state, self._release(state, now)
+
+    # -- notes -------------------------------------------------------------------
+    def _open(self, state: MemoryState, start_us: int) -> None:
+        if state.kv is None:
+            state.kv = self.memory.open(state.stream_id, start_us=start_us)
+            state.kv_version += 1
+
+    def _prefill(self, state: MemoryState, text: str, start_us: int, end_us: int) -> None:
+        self._open(state, start_us)
+        state.kv = self.memory.prefill_text(state.kv, text, start_us, end_us)
+        state.kv_version += 1
+
+    def _visual(self, state: MemoryState, n: VisualNote) -> None:
+        if n.seq <= state.last_frame_seq:
+            return
+        state.last_frame_seq = n.seq
+        state.frames_wall_us = max(state.frames_wall_us, n.wall_us)
+        vec = np.asarray(n.feature, np.float32)
+        vec = (vec / max(float(np.linalg.norm(vec)), 1e-12)).astype(np.float16)[None]
+        if state.features is not None and state.features.shape[1] != vec.shape[1]:
+            raise WrongRecordType(f"feature of width {vec.shape[1]}, the stream's are {state.features.shape[1]}")
+        state.features = vec if state.features is None else np.concatenate([state.features, vec])
+        state.seqs.append(n.seq)
+        state.pts.append(n.pts_us)
+        scene = n.tier == "clear" and n.reason in ("first", "above")
+        if scene and n.pts_us - state.last_scene_note_us >= self.config.scene_note_gap_us:
+            state.last_scene_note_us = n.pts_us
+            what = "The video starts." if n.reason == "first" else "The picture changes: a new scene."
+            self._prefill(state, f"[{n.pts_us / 1e6:.1f} s] {what}\n", n.pts_us, n.pts_us)
+
+    def _speech(self, state: MemoryState, n: SpeechNote) -> None:
+        state.audio_wall_us = max(state.audio_wall_us, n.wall_us)
+        if n.end_us <= state.heard_us and n.text:
+            return  # a replayed utterance
+        state.heard_us = max(state.heard_us, n.end_us)
+        if n.text:
+            state.utterances += 1
+            self._prefill(state, f"[{n.start_us / 1e6:.1f}-{n.end_us / 1e6:.1f} s] Speech: {n.text}\n",
+                          n.start_us, n.end_us)
+
+    # -- questions -----------------------------------------------------------------
+    def _ready(self, state: MemoryState, h: Held, now: int | None) -> bool:
+        if now is not None and now - h.received_us >= self.config.hold_timeout_us:
+            return True
+        if state.frames_wall_us < 0:
+            return False  # no frame yet: wait (an audio-only stream is released by the timeout)
+        if state.frames_wall_us < h.asked_at_us:
+            return False
+        return state.audio_wall_us < 0 or state.audio_wall_us >= h.asked_at_us
+
+    def _release(self, state: MemoryState, now: int | None) -> list[Output]:
+        outputs, keep = [], []
+        for h in state.held:
+            if self._ready(state, h, now):
+                answer = self._answer(state, h)
+                outputs.append(Output(self.answers_topic, h.query_id.encode(), encode(answer),
+                                      partition_key=state.stream_id.encode()))
+                state.answered = [*state.answered, h.query_id][-KEEP_ANSWERED:]
+            else:
+                keep.append(h)
+        if outputs:
+            state.held = keep
+            self._write_manifest(state)
+        return outputs
+
+    def _answer(self, state: MemoryState, h: Held) -> Answer:
+        query = decode(h.data, Query, self.limits)
+        released = now_us()
+        latency = [StageLatency(stage="wait", ms=max(0.0, (released - h.received_us) / 1000))]
+        if not state.seen:
+            text = f"unknown stream {state.stream_id!r}: no frames or audio of it have reached the pipeline"
+            evidence, model_id = (), SYSTEM_ID
+        elif query.image is not None:
+            text, evidence, model_id, timings = self._image_answer(state, query)
+            latency += [StageLatency(stage=k, ms=v) for k, v in timings.items()]
+        elif state.kv is None:
+            text, evidence, model_id = "Nothing has been said or noted in this stream yet.", (), SYSTEM_ID
+        else:
+            text, evidence, model_id, timings = self._text_answer(state, query)
+            latency += [StageLatency(stage=k, ms=v) for k, v in timings.items()]
+        total = sum(s.ms for s in latency)
+        return Answer(
+            query_id=query.query_id, stream_id=query.stream_id, text=text, model_id=model_id,
+            answered_at_us=now_us(), evidence=tuple(evidence),
+            latency=(*latency, StageLatency(stage="total", ms=total)),
+        )
+
+    def _text_answer(self, state: MemoryState, query: Query):
+        memory = self.memory
+        question = query.text
+        if query.options:
+            question += " Options: " + "; ".join(query.options) + ". Answer with one option."
+        # Everything goes to the index first, so the question scores every block (the recent ones
+        # too) and its evidence names the blocks it was answered from.
+        memory.spill(state.kv, keep_tokens=0)
+        state.kv_version += 1
+        answer = memory.answer(state.kv, question)
+        spans = sorted(answer.evidence, key=lambda e: -e.score)
+        evidence = [EvidenceSpan(start_us=e.start_us, end_us=e.end_us, score=float(e.score)) for e in spans]
+        t = answer.timings_ms
+        timings = {
+            "retrieve": t.get("query", 0.0) + t.get("score", 0.0) + t.get("fetch", 0.0),
+            "prefill": max(0.0, t.get("ttft", 0.0) - t.get("query", 0.0) - t.get("score", 0.0) - t.get("fetch", 0.0)),
+            "decode": t.get("decode", 0.0),
+        }
+        return answer.text.strip(), evidence, memory.model_id, timings
+
+    def _image_answer(self, state: MemoryState, query: Query):
+        from streamvqa.media import decode_jpeg
+
+        encoder = self.image_encoder
+        t0 = time.perf_counter()
+        pixels = decode_jpeg(query.image)
+        with torch.inference_mode():
+            vec = encoder.encode(pixels[None]).pooled[0].float().cpu().numpy()
+        t1 = time.perf_counter()
+        name = getattr(encoder, "name", "vision-encoder")
+        if state.features is None:
+            return "No frame of this stream has been seen yet.", [], name, {"encode": (t1 - t0) * 1000}
+        vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+        sims = state.features.astype(np.float32) @ vec.astype(np.float32)
+        spans = match_spans(sims, state.pts, self.config.image_match_threshold, self.config.image_match_margin)
+        spans = spans[: self.config.max_spans]
+        timings = {"encode": (t1 - t0) * 1000, "match": (time.perf_counter() - t1) * 1000}
+        best = int(np.argmax(sims))
+        if not spans:
+            text = (f"No frame of this stream looks like this image (best similarity {sims[best]:.2f} "
+                    f"at {state.pts[best] / 1e6:.1f} s).")
+            return text, [], name, timings
+        where = ", ".join(f"{s.start_us / 1e6:.1f}-{s.end_us / 1e6:.1f} s" for s in spans)
+        text = f"It appeared at {where} (best similarity {spans[0].score:.2f})."
+        return text, spans, name, timings
+
+    def _write_manifest(self, state: MemoryState) -> None:
+        """The stream's memory as a MemoryManifest (what lives where, in bytes) for reports and
+        operators; overwritten after every answer. Not state: nothing reads it back."""
+        if self.objects is None or state.kv is None:
+            return
+        kv, store = state.kv, self.memory.store
+        blocks = []
+        per_token = _bytes_per_token(kv)
+        for s in kv.index:
+            tiers = store.where(s.key)
+            blocks.append(ManifestBlock(
+                block_index=s.block_index, start_us=s.start_us, end_us=max(s.end_us, s.start_us),
+                tier=_tier_name(tiers[0]) if tiers else "object", nbytes=s.num_tokens * per_token,
+                key=s.key.path, content_hash=s.block_hash,
+            ))
+        for b in [kv.sink, *kv.window]:
+            if b is not None:
+                blocks.append(ManifestBlock(
+                    block_index=b.block_index, start_us=b.start_us, end_us=b.end_us,
+                    tier="gpu" if b.device.type == "cuda" else "cpu", nbytes=b.nbytes, key="",
+                    content_hash=b.content_hash(),
+                ))
+        manifest = MemoryManifest(
+            stream_id=state.stream_id, generation=state.kv_version, updated_at_us=now_us(), token_budget=0,
+            total_tokens=sum(b.nbytes for b in blocks) // max(per_token, 1), kv_blocks=tuple(blocks),
+        )
+        self.objects.put(f"{stream_prefix(state.stream_id)}memory/manifest", encode(manifest))
+
+
+def _bytes_per_token(kv) -> int:
+    block = kv.sink or (kv.window[0] if kv.window else None)
+    if block is None or not block.num_tokens:
+        return 0
+    return (block.keys.numel() * block.keys.element_size() * 2) // block.num_tokens
+
+
+def _tier_name(name: str) -> str:
+    for tier in ("gpu", "cpu", "disk", "object"):
+        if tier in name:
+            return tier
+    return "object"
+
+
+def match_spans(sims: np.ndarray, pts: list[int], threshold: float, margin: float) -> list[EvidenceSpan]:
+    """Runs of consecutive frames similar to the query (>= max(threshold, best - margin)), best
+    first; a run ends where the next frame begins (or one frame interval after the last)."""
+    if len(sims) == 0:
+        return []
+    cut = max(threshold, float(sims.max()) - margin)
+    step = int(np.median(np.diff(pts))) if len(pts) > 1 else 1_000_000
+    spans, i = [], 0
+    while i < len(sims):
+        if sims[i] < cut:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(sims) and sims[j + 1] >= cut:
+            j += 1
+        end = pts[j + 1] if j + 1 < len(pts) else pts[j] + step
+        spans.append(EvidenceSpan(start_us=pts[i], end_us=max(end, pts[i]), score=float(sims[i : j + 1].max())))
+        i = j + 1
+    return sorted(spans, key=lambda s: -s.score)

@@ -1,0 +1,35 @@
+"""QueryStage: validate a question (bad ones go to the dead letters) and forward it, unchanged,
+to the memory topic, into the partition of its stream: there it meets the stream's notes, in
+order, and the memory stage answers it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.schemas import Limits, Query, decode
+from streamvqa.schemas.errors import InvalidField
+
+
+@dataclass
+class QueryStage:
+    memory_topic: str
+    limits: Limits = field(default_factory=Limits)
+    name: str = "queries"
+
+    def initial_state(self, stream_id: str) -> dict:
+        return {"forwarded": 0}
+
+    def encode_state(self, state: dict) -> bytes:
+        return json.dumps(state).encode()
+
+    def decode_state(self, data: bytes) -> dict:
+        return json.loads(data)
+
+    def process(self, state: dict, record: KafkaRecord) -> tuple[dict, list[Output]]:
+        query = decode(record.value, Query, self.limits)  # SchemaError -> dead letter
+        if query.stream_id.encode() != record.key:
+            raise InvalidField(f"record key {record.key!r} is not the query's stream id", "stream_id")
+        out = Output(self.memory_topic, f"q/{query.query_id}".encode(), record.value, partition_key=record.key)
+        return {"forwarded": state["forwarded"] + 1}, [out]
