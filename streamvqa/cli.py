@@ -23,11 +23,14 @@ run_app = typer.Typer(help="Run a Beam pipeline (FnApiRunner locally; runner set
                       no_args_is_help=True)
 app.add_typer(run_app, name="run")
 
+from streamvqa.ask import answers_command, ask_command  # noqa: E402
 from streamvqa.operators.serve.cli import serve_app  # noqa: E402
 from streamvqa.produce import produce_command  # noqa: E402
 
 app.add_typer(serve_app, name="serve")
 app.command("produce")(produce_command)
+app.command("ask")(ask_command)
+app.command("answers")(answers_command)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -133,6 +136,23 @@ def run_passthrough(
     try:
         passthrough.run(_settings(data_dir), input_topic, output_topic, group,
                         commit_every=commit_every, commit_interval_s=commit_interval)
+    except StackError as err:
+        raise _fail(err) from err
+
+
+@run_app.command("pipeline")
+def run_pipeline(
+    group: Annotated[str, typer.Option(help="Consumer group / application id (names the state).")] = "streamvqa",
+    data_dir: DataDir = None,
+) -> None:
+    """The main job: frames, audio and questions in, answers out (runs until stopped)."""
+    from streamvqa.pipelines.video_qa import graph
+
+    settings = _settings(data_dir)
+    console.log(f"pipeline {group}: {', '.join(graph.input_topics(settings))} -> {settings.topics.answers} "
+                f"on {settings.runner.name}")
+    try:
+        graph.run(settings, group)
     except StackError as err:
         raise _fail(err) from err
 

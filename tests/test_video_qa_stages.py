@@ -131,13 +131,13 @@ def test_stages_answer_from_the_right_utterance_and_scene(stack_settings, media)
         assert stages[0] == "wait" and stages[-1] == "total"
         if i in answered_at:  # held until the stream reached the question's time, not answered before
             assert answered_at[f"{sid}-q{i}"] >= int(q.at_s * 1e6) - 1_000_000
-    notes = [decode(n.value, VisualNote) for n in router.notes if b"/frame/" in n.key]
+    notes = [decode(n.value, VisualNote) for n in router.notes if b"/frame/" in dict(n.headers)["streamvqa-id"]]
     assert len(notes) == len(list(media.frames_dir.glob("*.jpg")))
     assert {n.tier for n in notes} == {"clear", "fuzzy"}
     store = connect.object_store(settings, connect.resolve_endpoints(settings))
     keyframes = [n.keyframe_key for n in notes if n.keyframe_key]
     assert keyframes and all(store.get(k)[:2] == b"\xff\xd8" for k in keyframes)
-    speech = [decode(n.value, SpeechNote) for n in router.notes if b"/speech/" in n.key]
+    speech = [decode(n.value, SpeechNote) for n in router.notes if b"/speech/" in dict(n.headers)["streamvqa-id"]]
     assert any("america" in s.text.lower() for s in speech)
 
 

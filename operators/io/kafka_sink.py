@@ -1,9 +1,10 @@
 """Producing outputs so that a repeated write is recognised, and committing input offsets.
 
 ``OutputProducer`` wraps an idempotent kafka-python producer. Every output has
-a deterministic key (the query id, or stream id + sequence number); after a
+a deterministic identity: its key (the query id, or stream id + sequence number), or
+the ``streamvqa-id`` header when the key is not unique (notes keyed by stream id); after a
 restart the producer first reads back what was already written since the last
-commit (the *ledger*) and suppresses those keys, so re-processing the same
+commit (the *ledger*) and suppresses those identities, so re-processing the same
 inputs does not write them twice. This does not rely on Kafka transactions:
 the embedded broker shows aborted transactional records to read_committed
 consumers, so an aborted write would still be visible there.
@@ -21,7 +22,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
-from .records import Output
+from .records import Output, output_identity
 
 OutputPositions = dict[str, dict[int, int]]  # topic -> partition -> next offset
 
@@ -45,7 +46,7 @@ class OutputProducer:
 
     def send(self, output: Output) -> bool:
         """Produce ``output`` unless the ledger shows it was written already. True if sent."""
-        marker = (output.topic, output.key)
+        marker = (output.topic, output.identity)
         if marker in self._suppress:
             self._suppress.discard(marker)
             self.suppressed += 1
@@ -100,8 +101,9 @@ class OutputProducer:
         def collect(tp: TopicPartition, messages) -> None:
             nonlocal found
             for message in messages:
-                if message.key is not None:
-                    self._suppress.add((tp.topic, bytes(message.key)))
+                identity = output_identity(message.key, message.headers)
+                if identity is not None:
+                    self._suppress.add((tp.topic, identity))
                     found += 1
 
         _scan(consumer_factory, topics, since, collect)

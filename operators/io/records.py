@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EOS_HEADER = "streamvqa-eos"
+#: An output's identity for the exactly-once ledger when its key is not unique (notes on the
+#: memory topic are keyed by stream id, like the inputs, and identified by this header).
+OUTPUT_ID_HEADER = "streamvqa-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +59,15 @@ class Output:
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
     partition_key: bytes | None = None
+
+    @property
+    def identity(self) -> bytes:
+        """What the ledger recognises a repeated write by: the ``streamvqa-id`` header, else the key."""
+        return output_identity(self.key, self.headers)
+
+
+def output_identity(key: bytes | None, headers) -> bytes | None:
+    for name, value in headers or ():
+        if name == OUTPUT_ID_HEADER:
+            return bytes(value)
+    return None if key is None else bytes(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.io.records import OUTPUT_ID_HEADER, KafkaRecord, Output
 from streamvqa.schemas import Limits, encode
 from streamvqa.schemas.records import Record
 
@@ -30,7 +30,10 @@ def now_us() -> int:
     return int(time.time() * 1_000_000)
 
 
-def note(topic: str, key: str, record: Record, source: KafkaRecord) -> Output:
-    """A record for the memory topic, keyed uniquely (``key``) and partitioned like its source
-    (the stream id), so a stream's notes and questions meet in one partition, in order."""
-    return Output(topic, key.encode(), encode(record), partition_key=source.key)
+def note(topic: str, identity: str, value: Record | bytes, source: KafkaRecord) -> Output:
+    """A message for the memory topic: keyed by the stream id like its source (so a stream's
+    notes and questions meet in one partition, in order, and the memory stage's task knows the
+    stream), identified by ``identity`` (unique per note: a repeated write is recognised)."""
+    data = value if isinstance(value, bytes) else encode(value)
+    return Output(topic, source.key, data, headers=((OUTPUT_ID_HEADER, identity.encode()),),
+                  partition_key=source.key)

@@ -11,6 +11,8 @@ from streamvqa.operators.io.records import KafkaRecord, Output
 from streamvqa.schemas import Limits, Query, decode
 from streamvqa.schemas.errors import InvalidField
 
+from .common import note
+
 
 @dataclass
 class QueryStage:
@@ -31,5 +33,5 @@ class QueryStage:
         query = decode(record.value, Query, self.limits)  # SchemaError -> dead letter
         if query.stream_id.encode() != record.key:
             raise InvalidField(f"record key {record.key!r} is not the query's stream id", "stream_id")
-        out = Output(self.memory_topic, f"q/{query.query_id}".encode(), record.value, partition_key=record.key)
+        out = note(self.memory_topic, f"q/{query.query_id}", record.value, record)
         return {"forwarded": state["forwarded"] + 1}, [out]
