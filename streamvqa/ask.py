@@ -10,6 +10,7 @@ with a hint (is the pipeline running?).
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,17 @@ import typer
 
 from streamvqa.schemas import Answer
 
-__all__ = ["AskError", "UnknownStream", "answers_command", "ask", "ask_command", "follow_answers", "format_answer"]
+__all__ = [
+    "AskError",
+    "UnknownStream",
+    "answers_command",
+    "ask",
+    "ask_command",
+    "follow_answers",
+    "format_answer",
+    "make_query",
+    "publish_query",
+]
 
 
 class AskError(RuntimeError):
@@ -48,6 +59,37 @@ def stream_known(settings, endpoints, stream_id: str) -> bool:
         producer.close()
 
 
+def make_query(
+    stream_id: str,
+    text: str,
+    *,
+    image: bytes | None = None,
+    image_codec: str | None = None,
+    options: tuple[str, ...] | None = None,
+    asked_at_us: int | None = None,
+    query_id: str | None = None,
+):
+    """A Query asked now (``asked_at_us``: the wall clock in µs, the producers' timestamp clock)."""
+    from streamvqa.schemas import Query
+
+    return Query(
+        query_id=query_id or f"{stream_id}-{uuid.uuid4().hex[:12]}",
+        stream_id=stream_id,
+        text=text,
+        asked_at_us=asked_at_us if asked_at_us is not None else time.time_ns() // 1000,
+        options=options,
+        image=image,
+        image_codec=image_codec,
+    )
+
+
+def publish_query(settings, producer, query) -> None:
+    """Send a Query to the queries topic, keyed by its stream (validated first)."""
+    from streamvqa.schemas import encode
+
+    producer.send(settings.topics.queries, key=query.stream_id.encode(), value=encode(query)).get(timeout=30)
+
+
 def ask(
     settings,
     stream_id: str,
@@ -66,7 +108,7 @@ def ask(
 
     from streamvqa import connect
     from streamvqa.produce import _high_watermark, partition_for
-    from streamvqa.schemas import Query, decode, encode
+    from streamvqa.schemas import decode, encode
 
     endpoints = connect.resolve_endpoints(settings)
     if check_stream and not stream_known(settings, endpoints, stream_id):
@@ -74,15 +116,8 @@ def ask(
             f"unknown stream {stream_id!r}: nothing of it on {settings.topics.frames} or {settings.topics.audio} "
             "(publish it with `streamvqa produce SOURCE --stream-id ...`)"
         )
-    query = Query(
-        query_id=query_id or f"{stream_id}-{uuid.uuid4().hex[:12]}",
-        stream_id=stream_id,
-        text=text,
-        asked_at_us=asked_at_us if asked_at_us is not None else time.time_ns() // 1000,
-        options=options,
-        image=image,
-        image_codec=image_codec,
-    )
+    query = make_query(stream_id, text, image=image, image_codec=image_codec, options=options,
+                       asked_at_us=asked_at_us, query_id=query_id)
     value = encode(query)  # validates: a bad question is refused here, not dead-lettered
     producer = connect.producer(settings, endpoints)
     consumer = connect.consumer(settings, endpoints, group_id=None)
@@ -109,9 +144,15 @@ def ask(
 
 
 def follow_answers(
-    settings, *, stream_id: str | None = None, from_beginning: bool = True, idle_timeout_s: float | None = None
+    settings,
+    *,
+    stream_id: str | None = None,
+    from_beginning: bool = True,
+    idle_timeout_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[Answer]:
-    """Answers as they arrive on the answers topic (all partitions), optionally of one stream."""
+    """Answers as they arrive on the answers topic (all partitions), optionally of one stream;
+    until ``idle_timeout_s`` passes without a message, or ``stop`` is set."""
     from kafka import TopicPartition
 
     from streamvqa import connect
@@ -130,7 +171,7 @@ def follow_answers(
             for tp in parts:
                 consumer.seek(tp, _high_watermark(consumer, tp, int(consumer.beginning_offsets([tp])[tp]), 30.0))
         last = time.monotonic()
-        while idle_timeout_s is None or time.monotonic() - last < idle_timeout_s:
+        while (idle_timeout_s is None or time.monotonic() - last < idle_timeout_s) and not (stop and stop.is_set()):
             for messages in consumer.poll(timeout_ms=200).values():
                 for message in messages:
                     last = time.monotonic()

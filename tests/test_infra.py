@@ -23,7 +23,7 @@ import yaml
 from streamvqa.pipelines.runner import flink_flags, pipeline_options
 from streamvqa.schemas.records import CURRENT_VERSION
 
-from streamvqa.settings import Settings
+from streamvqa.settings import Settings, TopicSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "infra" / "helm" / "streamvqa"
@@ -156,10 +156,15 @@ def test_optional_parts_switch_off():
     )
     kinds = [d["kind"] for d in _docs(values)]
     assert "Kafka" not in kinds and "NetworkPolicy" not in kinds and "Job" not in kinds
-    assert kinds.count("KafkaTopic") == 5
+    assert kinds.count("KafkaTopic") == len(TopicSettings().names()) == 6
 
 
 # ---------------------------------------------------------------- consistency with the code
+
+
+def _snake(name: str) -> str:
+    """values.yaml spelling (camelCase) -> settings field (snake_case): deadLetter -> dead_letter."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
 
 
 def test_topics_match_settings(docs, values, monkeypatch):
@@ -168,17 +173,120 @@ def test_topics_match_settings(docs, values, monkeypatch):
     assert sorted(t["spec"]["topicName"] for t in topics) == sorted(defaults.names().values())
     env = _env(_pipeline_containers(docs)[0])
     settings = _settings_from_env(env, monkeypatch)
+    roles = {_snake(t["metadata"]["labels"]["streamvqa.io/topic-role"]) for t in topics}
+    assert roles == set(settings.topics.names()) == {_snake(r) for r in values["topics"]["names"]}
+    assert "memory" in roles  # the main pipeline's internal topic
+    assert set(values["topics"]["retentionMs"]) == set(values["topics"]["names"])
     for topic in topics:
-        role = topic["metadata"]["labels"]["streamvqa.io/topic-role"]
-        role = "dead_letter" if role == "deadLetter" else role
-        assert settings.topics.names()[role] == topic["spec"]["topicName"]
+        label = topic["metadata"]["labels"]["streamvqa.io/topic-role"]
+        role = _snake(label)
+        assert settings.topics.names()[role] == topic["spec"]["topicName"] == values["topics"]["names"][label]
         assert topic["spec"]["partitions"] == settings.topics.partitions == values["topics"]["partitions"]
         assert topic["spec"]["replicas"] == settings.topics.replication_factor
+        assert topic["spec"]["config"]["retention.ms"] == values["topics"]["retentionMs"][label] > 0
         # producers send up to max_message_bytes + 64 KiB (streamvqa.connect.producer)
         assert topic["spec"]["config"]["max.message.bytes"] >= settings.limits.max_message_bytes + 64 * 1024
-    args = values["pipeline"]["args"]
-    for flag in ("--input", "--output"):
-        assert args[args.index(flag) + 1] in settings.topics.names().values()
+    # renamed topics reach the pods too (not only the defaults): one STREAMVQA_TOPICS__* per role
+    renamed = {f"topics.names.{label}": f"site-a.{name}" for label, name in values["topics"]["names"].items()}
+    other = _docs(render.load_values(CHART, sets=renamed))
+    settings = _settings_from_env(_env(_pipeline_containers(other)[0]), monkeypatch)
+    assert settings.topics.names() == {
+        _snake(label): f"site-a.{name}" for label, name in values["topics"]["names"].items()
+    }
+    assert {t["spec"]["topicName"] for t in other if t["kind"] == "KafkaTopic"} == set(
+        settings.topics.names().values()
+    )
+
+
+def _cli(args: list[str]) -> tuple[list[str], dict]:
+    """(sub-command path, parsed parameters) of a `streamvqa` command line, without running it."""
+    import typer.main
+
+    from streamvqa.cli import app
+
+    command, rest, path, ctx = typer.main.get_command(app), list(args), [], None
+    while hasattr(command, "get_command"):  # a group: the next word names the sub-command
+        ctx = command.make_context(path[-1] if path else "streamvqa", [], parent=ctx, resilient_parsing=True)
+        assert rest, f"{args}: no sub-command after {path}"
+        name, rest = rest[0], rest[1:]
+        command = command.get_command(ctx, name)
+        assert command is not None, f"{args}: no command {name!r} after {path}"
+        path.append(name)
+    return path, command.make_context(path[-1], rest, parent=ctx).params
+
+
+def test_submitter_runs_the_main_pipeline(docs, values, monkeypatch):
+    container = _one(docs, "Job", "-submit")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["streamvqa"]
+    args = container["args"]
+    assert args[:2] == ["run", "pipeline"] and args[args.index("--group") + 1] == values["pipeline"]["group"]
+    path, params = _cli(args)  # the CLI accepts exactly these arguments
+    assert path == ["run", "pipeline"] and params["group"] == values["pipeline"]["group"]
+    other = _docs(render.load_values(CHART, sets={"pipeline.group": "streamvqa-blue"}))
+    assert _one(other, "Job", "-submit")["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "run",
+        "pipeline",
+        "--group",
+        "streamvqa-blue",
+    ]
+    # the job reads and writes the topics of the pods' settings, all of which the chart creates
+    from streamvqa.pipelines.video_qa.graph import input_topics
+
+    settings = _settings_from_env(_env(container), monkeypatch)
+    created = {d["spec"]["topicName"] for d in docs if d["kind"] == "KafkaTopic"}
+    written = {settings.topics.memory, settings.topics.answers, settings.topics.dead_letter}
+    assert set(input_topics(settings)) | written <= created
+    assert settings.topics.memory in input_topics(settings)
+
+
+def test_pipeline_settings_reach_the_pods(monkeypatch):
+    """values pipeline.settings -> STREAMVQA_PIPELINE__* in both pipeline containers -> Settings.pipeline."""
+    from streamvqa.settings import PipelineSettings
+
+    chart_settings = render.load_values(CHART)["pipeline"]["settings"]
+    fields = {_snake(key): key for key in chart_settings}
+    assert set(fields) <= set(PipelineSettings.model_fields), "a values key names no PipelineSettings field"
+    defaults = PipelineSettings()
+    for field, key in fields.items():  # the chart's defaults are the settings' defaults
+        assert (chart_settings[key] or None) == getattr(defaults, field), key
+
+    custom = {
+        "lmPath": "/models/qwen2.5-vl-7b",
+        "lmDtype": "bfloat16",
+        "windowTokens": 512,
+        "retrieveTokens": 256,
+        "maxNewTokens": 48,
+        "holdTimeoutS": 2.5,
+        "speech": False,
+    }
+    assert set(custom) == set(chart_settings), "give every values key a non-default value here"
+    sets = {
+        f"pipeline.settings.{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in custom.items()
+    }
+    sets |= {"pipeline.models.claimName": "qwen-weights", "pipeline.models.mountPath": "/models"}
+    docs = _docs(render.load_values(CHART, sets=sets))
+    envs = [_env(c) for c in _pipeline_containers(docs)]
+    for key in custom:
+        name = f"STREAMVQA_PIPELINE__{_snake(key).upper()}"
+        assert all(name in env for env in envs), name
+    for env in envs:
+        pipeline = _settings_from_env(env, monkeypatch).pipeline
+        for key, value in custom.items():
+            got = getattr(pipeline, _snake(key))
+            assert (str(got) if key == "lmPath" else got) == value, key
+    # the weights are mounted read-only where lmPath points, in the sidecars that run the models
+    tm = _one(docs, "FlinkDeployment")["spec"]["taskManager"]["podTemplate"]["spec"]
+    volume = next(v for v in tm["volumes"] if v["name"] == "models")
+    assert volume["persistentVolumeClaim"] == {"claimName": "qwen-weights", "readOnly": True}
+    pool = next(c for c in tm["containers"] if c["name"] == "beam-worker-pool")
+    mount = next(m for m in pool["volumeMounts"] if m["name"] == "models")
+    assert mount["readOnly"] is True and custom["lmPath"].startswith(mount["mountPath"] + "/")
+    # defaults: no lm_path (the shipped SmolLM2), nothing mounted
+    default_docs = _docs()
+    assert all("STREAMVQA_PIPELINE__LM_PATH" not in _env(c) for c in _pipeline_containers(default_docs))
+    tm = _one(default_docs, "FlinkDeployment")["spec"]["taskManager"]["podTemplate"]["spec"]
+    assert "models" not in {v["name"] for v in tm["volumes"]}
+    assert _settings_from_env(_env(_pipeline_containers(default_docs)[0]), monkeypatch).pipeline == defaults
 
 
 def _field_exists(path: list[str]) -> bool:

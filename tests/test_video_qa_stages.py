@@ -6,17 +6,26 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 from streamvqa.operators.io.records import KafkaRecord, Output
 from streamvqa.pipelines.video_qa.graph import StageFactories
 from streamvqa.pipelines.video_qa.memory import match_spans
-from streamvqa.schemas import Answer, AudioChunk, Frame, Query, SchemaError, SpeechNote, VisualNote, decode, encode
+from streamvqa.schemas import (
+    Answer,
+    AudioChunk,
+    Frame,
+    Query,
+    SchemaError,
+    SpeechNote,
+    VisualNote,
+    decode,
+    encode,
+)
 
 from streamvqa import connect
-from streamvqa.demo_media import QUESTIONS, build_demo_media, read_wav
+from streamvqa.demo_media import build_demo_media, read_wav
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

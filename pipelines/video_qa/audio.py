@@ -73,7 +73,7 @@ class AudioStage:
             raise InvalidField(str(err), "payload") from err
         asr_ms = (time.perf_counter() - t0) * 1000
         state = AudioStageState(vad, chunk.seq, state.marked_us, state.utterances)
-        wall = wall_us(record)
+        wall = wall_us(record) + _duration_us(chunk)  # the chunk has been heard to its end
         outputs: list[Output] = []
         for t in transcripts:
             speech = SpeechNote(

@@ -48,7 +48,8 @@ def input_topics(settings: Settings) -> list[str]:
 def build_encoder(settings: Settings):
     from streamvqa.operators.vision import build_encoder as build
 
-    return build(settings.pipeline.encoder)
+    p = settings.pipeline
+    return build(p.encoder, mode=p.stc_mode) if p.encoder.startswith("stc-") else build(p.encoder)
 
 
 def load_memory_models(settings: Settings):

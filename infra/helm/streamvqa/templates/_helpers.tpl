@@ -65,12 +65,30 @@ Beam SDK workers, so both build the same Settings object.
   value: {{ .Values.topics.names.answers | quote }}
 - name: STREAMVQA_TOPICS__DEAD_LETTER
   value: {{ .Values.topics.names.deadLetter | quote }}
+- name: STREAMVQA_TOPICS__MEMORY
+  value: {{ .Values.topics.names.memory | quote }}
 - name: STREAMVQA_TOPICS__PARTITIONS
   value: {{ .Values.topics.partitions | quote }}
 - name: STREAMVQA_TOPICS__REPLICATION_FACTOR
   value: {{ .Values.topics.replicationFactor | quote }}
 - name: STREAMVQA_LIMITS__MAX_MESSAGE_BYTES
   value: {{ .Values.limits.maxMessageBytes | quote }}
+{{- if .Values.pipeline.settings.lmPath }}
+- name: STREAMVQA_PIPELINE__LM_PATH
+  value: {{ .Values.pipeline.settings.lmPath | quote }}
+{{- end }}
+- name: STREAMVQA_PIPELINE__LM_DTYPE
+  value: {{ .Values.pipeline.settings.lmDtype | quote }}
+- name: STREAMVQA_PIPELINE__WINDOW_TOKENS
+  value: {{ .Values.pipeline.settings.windowTokens | quote }}
+- name: STREAMVQA_PIPELINE__RETRIEVE_TOKENS
+  value: {{ .Values.pipeline.settings.retrieveTokens | quote }}
+- name: STREAMVQA_PIPELINE__MAX_NEW_TOKENS
+  value: {{ .Values.pipeline.settings.maxNewTokens | quote }}
+- name: STREAMVQA_PIPELINE__HOLD_TIMEOUT_S
+  value: {{ .Values.pipeline.settings.holdTimeoutS | quote }}
+- name: STREAMVQA_PIPELINE__SPEECH
+  value: {{ .Values.pipeline.settings.speech | quote }}
 - name: STREAMVQA_RUNNER__NAME
   value: "PortableRunner"
 - name: STREAMVQA_RUNNER__JOB_ENDPOINT

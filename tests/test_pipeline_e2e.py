@@ -1,0 +1,82 @@
+"""The main pipeline end to end on the embedded stack: `streamvqa run pipeline` as a process of
+its own, the demo stream (three scenes, three utterances) published with injected bad frames,
+questions about what was said and an image question, answers on the answers topic."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+import pytest
+from kafka import TopicPartition
+from rich.console import Console
+from streamvqa.infra.provision import ensure_topics
+from streamvqa.schemas import Answer, decode
+
+from streamvqa import connect
+from streamvqa.demo import run_demo
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+def _own_topics(settings):
+    """Topics of this test alone (other tests write frames, good and bad, to the default ones)."""
+    tag = uuid.uuid4().hex[:6]
+    topics = settings.topics.model_copy(update={
+        name: f"e2e-{tag}.{name}" for name in ("frames", "audio", "queries", "answers", "dead_letter", "memory")
+    })
+    settings = settings.model_copy(update={"topics": topics})
+    endpoints = connect.resolve_endpoints(settings)
+    admin = connect.admin(settings, endpoints)
+    try:
+        ensure_topics(admin, topics)
+    finally:
+        admin.close()
+    return settings, endpoints
+
+
+def _all_answers(settings, endpoints) -> list[Answer]:
+    consumer = connect.consumer(settings, endpoints, group_id=None)
+    try:
+        topic = settings.topics.answers
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning()
+        out, idle = [], 0
+        while idle < 5:
+            batch = consumer.poll(timeout_ms=400)
+            idle = 0 if batch else idle + 1
+            out += [decode(m.value, Answer) for ms in batch.values() for m in ms]
+        return out
+    finally:
+        consumer.close()
+
+
+def test_stream_questions_answers_and_dead_letters(stack_settings, tmp_path) -> None:
+    settings, endpoints = _own_topics(stack_settings)
+    result = run_demo(settings, speed=None, scene_s=15.0, fps=1.0, report_dir=tmp_path / "report",
+                      answer_timeout_s=400, console=Console(quiet=True))
+    media = result.media
+    # every question answered, exactly once (on the topic too, not only as the demo saw it)
+    assert sorted(result.answers) == list(range(len(media.questions)))
+    on_topic = Counter(a.query_id for a in _all_answers(settings, endpoints))
+    assert sorted(on_topic) == sorted(f"{result.stream_id}-q{i + 1}" for i in range(len(media.questions)))
+    assert set(on_topic.values()) == {1}
+    # evidence inside the right utterance or scene, best span first
+    for i, question in enumerate(media.questions):
+        answer = result.answers[i]
+        assert result.hit(i), (question.text, answer.text, answer.evidence)
+        assert [s.stage for s in answer.latency][-1] == "total"
+    image_answer = result.answers[next(i for i, q in enumerate(media.questions) if q.image_from)]
+    assert image_answer.text.startswith("It appeared at")
+    # the bad frames went to the dead letters with their reasons, and the stream went on
+    assert sorted(d.reason for d in result.dead_letters) == ["invalid_field", "malformed", "truncated"]
+    assert all(d.source_topic == settings.topics.frames for d in result.dead_letters)
+    assert result.frames_noted == len(list(media.frames_dir.glob("*.jpg")))
+    assert result.ok
+    # the report
+    html = result.report_path.read_text()
+    assert result.stream_id in html and all(q.text.split(",")[0] in html for q in media.questions)
+    for png in ("timeline.png", "memory.png", "latency.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 10_000
+    assert list((tmp_path / "report" / "keyframes").glob("*.jpg"))
