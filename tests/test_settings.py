@@ -19,6 +19,7 @@ def test_defaults_are_the_embedded_stack() -> None:
         "queries": "streamvqa.queries",
         "answers": "streamvqa.answers",
         "dead_letter": "streamvqa.dead-letter",
+        "memory": "streamvqa.memory",
     }
     assert settings.runner.name == "FnApiRunner"
 
