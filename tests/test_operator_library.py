@@ -42,6 +42,13 @@ STATEFUL = [
         (),
     ),
     ("streamvqa.operators.serve.stages.EncoderStage", ("snapshot", "restore"), ()),
+    *[
+        (f"streamvqa.pipelines.video_qa.{stage}", ("initial_state", "process", "encode_state", "decode_state"), ())
+        for stage in ("FrameStage", "AudioStage", "QueryStage", "MemoryStage")
+    ],
+    ("streamvqa.pipelines.video_qa.MemoryStage", ("tick",), ()),
+    ("streamvqa.pipelines.video_qa.frames.FrameStageState", ("to_bytes",), ()),
+    ("streamvqa.pipelines.video_qa.audio.AudioStageState", ("to_bytes",), ()),
 ]
 
 # Functions the doc names as a state's byte form (the KV block has no methods: codec functions).
