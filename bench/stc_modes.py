@@ -41,9 +41,10 @@ def _route(features):
 
 
 def main(quick: bool = False) -> None:
+    from streamvqa.operators.vision import build_encoder
+
     from streamvqa.demo_media import build_demo_media
     from streamvqa.media import decode_jpeg
-    from streamvqa.operators.vision import build_encoder
 
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,13 +24,13 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_qwen25_vl(seed: int = 0):
+def tiny_qwen25_vl(seed: int = 0, vocab: int = VOCAB):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": VOCAB,
+            "vocab_size": vocab,
             "hidden_size": 64,
             "intermediate_size": 96,
             "num_hidden_layers": 2,
@@ -50,14 +50,14 @@ def tiny_qwen25_vl(seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
-def tiny_llava_onevision(seed: int = 0):
+def tiny_llava_onevision(seed: int = 0, vocab: int = VOCAB):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = LlavaOnevisionConfig(
         text_config={
             "model_type": "qwen2",
-            "vocab_size": VOCAB,
+            "vocab_size": vocab,
             "hidden_size": 64,
             "intermediate_size": 96,
             "num_hidden_layers": 2,
@@ -74,7 +74,7 @@ def tiny_llava_onevision(seed: int = 0):
             "image_size": 28,
             "patch_size": 14,
         },
-        image_token_index=VOCAB - 1,
-        video_token_index=VOCAB - 2,
+        image_token_index=vocab - 1,
+        video_token_index=vocab - 2,
     )
     return LlavaOnevisionForConditionalGeneration(cfg).eval()
