@@ -12,6 +12,7 @@ BENCHMARKS = {
     "stc": "bench.stc_eval",
     "kv": "bench.kv_eval",
     "serve": "bench.serve_bench",
+    "pipeline": "bench.pipeline_bench",
     "stc-modes": "bench.stc_modes",
 }
 

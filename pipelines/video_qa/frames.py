@@ -25,7 +25,7 @@ from streamvqa.operators.vision.stc_prune import STCPruneConfig, STCPruner, STCP
 from streamvqa.schemas import Frame, Limits, VisualNote, decode
 from streamvqa.schemas.errors import InvalidField
 
-from streamvqa.media import decode_jpeg, encode_jpeg
+from streamvqa.media import encode_jpeg
 from streamvqa.storage.keys import content_hash, object_key
 
 from .common import note, wall_us
@@ -48,19 +48,32 @@ class FrameStageState:
 
 
 def pixels_of(frame: Frame) -> np.ndarray:
-    """uint8 RGB (H, W, 3) of a frame; a payload that does not decode is a bad record."""
+    """uint8 RGB (H, W, 3) of a frame; a payload that does not decode, or whose size is not the
+    record's, is a bad record (checked from the image header, before decoding the pixels)."""
     if frame.codec == "rgb24":
         return np.frombuffer(frame.payload, np.uint8).reshape(frame.height, frame.width, 3)
+    return decode_image(frame.payload, "payload", (frame.width, frame.height))
+
+
+def decode_image(data: bytes, field: str, size: tuple[int, int] | None = None,
+                 max_pixels: int = 8192 * 8192) -> np.ndarray:
+    """uint8 RGB of a JPEG/PNG; raises ``InvalidField`` (a dead letter) for anything else."""
+    import io
+
+    from PIL import Image
+
     try:
-        pixels = decode_jpeg(frame.payload)  # PIL: JPEG and PNG
-    except Exception as err:
-        raise InvalidField(f"{frame.codec} payload does not decode: {err}", "payload") from err
-    if pixels.shape[:2] != (frame.height, frame.width):
-        raise InvalidField(
-            f"payload is {pixels.shape[1]}x{pixels.shape[0]}, the record says {frame.width}x{frame.height}",
-            "payload",
-        )
-    return pixels
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if size is not None and (width, height) != tuple(size):
+                raise InvalidField(f"{field} is {width}x{height}, the record says {size[0]}x{size[1]}", field)
+            if width * height > max_pixels:
+                raise InvalidField(f"{field} is {width}x{height}, more than {max_pixels} pixels", field)
+            return np.asarray(image.convert("RGB"))
+    except InvalidField:
+        raise
+    except Exception as err:  # PIL raises many kinds for a corrupt image
+        raise InvalidField(f"{field} does not decode as an image: {err}", field) from err
 
 
 @dataclass

@@ -324,11 +324,16 @@ class MemoryStage:
         return answer.text.strip(), evidence, memory.model_id, timings
 
     def _image_answer(self, state: MemoryState, query: Query):
-        from streamvqa.media import decode_jpeg
+        from streamvqa.schemas import SchemaError
+
+        from .frames import decode_image
 
         encoder = self.image_encoder
         t0 = time.perf_counter()
-        pixels = decode_jpeg(query.image)
+        try:
+            pixels = decode_image(query.image, "image")
+        except SchemaError as err:  # the query stage checks this; a crafted memory-topic message may not be
+            return f"The example image could not be used: {err}", [], SYSTEM_ID, {}
         with torch.inference_mode():
             vec = encoder.encode(pixels[None]).pooled[0].float().cpu().numpy()
         t1 = time.perf_counter()

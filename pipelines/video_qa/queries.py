@@ -12,6 +12,7 @@ from streamvqa.schemas import Limits, Query, decode
 from streamvqa.schemas.errors import InvalidField
 
 from .common import note
+from .frames import decode_image
 
 
 @dataclass
@@ -33,5 +34,7 @@ class QueryStage:
         query = decode(record.value, Query, self.limits)  # SchemaError -> dead letter
         if query.stream_id.encode() != record.key:
             raise InvalidField(f"record key {record.key!r} is not the query's stream id", "stream_id")
+        if query.image is not None:
+            decode_image(query.image, "image")  # an example image that does not decode: dead letter
         out = note(self.memory_topic, f"q/{query.query_id}", record.value, record)
         return {"forwarded": state["forwarded"] + 1}, [out]
