@@ -127,9 +127,9 @@ class FrameStage:
         frame = decode(record.value, Frame, self.limits)  # SchemaError -> dead letter
         if frame.stream_id.encode() != record.key:
             raise InvalidField(f"record key {record.key!r} is not the frame's stream id", "stream_id")
+        pixels = pixels_of(frame)  # a corrupt frame is a dead letter, even with a seq already seen
         if frame.seq <= state.last_seq:
-            return state, []  # a duplicate or a replay: already noted
-        pixels = pixels_of(frame)
+            return state, []  # a duplicate, or late: the stream has moved on
         t0 = time.perf_counter()
         encoded = self._encode(frame.stream_id, pixels)
         encode_ms = (time.perf_counter() - t0) * 1000
