@@ -4,6 +4,8 @@ questions about what was said and an image question, answers on the answers topi
 
 from __future__ import annotations
 
+import io
+import json
 import uuid
 from collections import Counter
 
@@ -54,8 +56,9 @@ def _all_answers(settings, endpoints) -> list[Answer]:
 
 def test_stream_questions_answers_and_dead_letters(stack_settings, tmp_path) -> None:
     settings, endpoints = _own_topics(stack_settings)
+    out = io.StringIO()
     result = run_demo(settings, speed=None, scene_s=15.0, fps=1.0, report_dir=tmp_path / "report",
-                      answer_timeout_s=400, console=Console(quiet=True))
+                      answer_timeout_s=400, console=Console(file=out, width=200))
     media = result.media
     # every question answered, exactly once (on the topic too, not only as the demo saw it)
     assert sorted(result.answers) == list(range(len(media.questions)))
@@ -80,3 +83,11 @@ def test_stream_questions_answers_and_dead_letters(stack_settings, tmp_path) -> 
     for png in ("timeline.png", "memory.png", "latency.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
     assert list((tmp_path / "report" / "keyframes").glob("*.jpg"))
+    # what was printed: the answers with their evidence; never the object store's credentials
+    printed = out.getvalue()
+    assert all(f"A{i + 1}:" in printed for i in range(len(media.questions))) and "evidence" in printed
+    secret = json.loads((settings.stack_dir / "seaweedfs" / "credentials.json").read_text())["secret_key"]
+    log = (settings.data_dir / "demo" / "pipeline.log").read_text(errors="replace")
+    assert "pipeline streamvqa" in log  # the pipeline's own log was written
+    for where, text in [("console", printed), ("pipeline log", log), ("report", html)]:
+        assert secret not in text, where

@@ -167,3 +167,31 @@ def test_unknown_stream_is_answered_after_the_hold(stack_settings) -> None:
     router.tick(int(time.time() * 1e6) + int(stack_settings.pipeline.hold_timeout_s * 1e6) + 1)
     assert [a.query_id for a in router.answers] == ["q-unknown"]
     assert "unknown stream" in router.answers[0].text and router.answers[0].evidence == ()
+
+
+def test_frame_stage_after_restarts_equals_an_uninterrupted_run(stack_settings, media) -> None:
+    """The STC reference is rebuilt from its frame after a restore: notes (features, scores, tiers)
+    are bit-identical to an uninterrupted run's, whatever the restart points."""
+    factories = StageFactories(stack_settings)
+    sid = f"restart-{uuid.uuid4().hex[:6]}"
+    router = Router.__new__(Router)
+    router.offsets, router.topics = {}, stack_settings.topics
+    records = [r for r in _stream_records(router, media, sid, 1_700_000_000_000) if r.topic == router.topics.frames][:24]
+
+    def run(restart_at: set[int]) -> list[VisualNote]:
+        stage = factories.frames()
+        state, notes = stage.initial_state(sid), []
+        for i, record in enumerate(records):
+            if i in restart_at:  # a new worker: fresh encoder, state from its bytes
+                stage = factories.frames()
+                state = stage.decode_state(stage.encode_state(state))
+            state, outputs = stage.process(state, record)
+            notes += [decode(o.value, VisualNote) for o in outputs]
+        return notes
+
+    plain = run(set())
+    restarted = run({3, 5, 6, 13, 20})
+    assert len(plain) == len(restarted) == len(records)
+    strip = lambda n: dataclasses.replace(n, encode_ms=0.0)  # noqa: E731
+    assert [strip(n) for n in restarted] == [strip(n) for n in plain]
+    assert any(n.cached_fraction > 0 for n in plain)  # the cache was in use

@@ -2,10 +2,11 @@
 STC pruning -> keyframes to the object store -> a VisualNote per frame on the memory topic.
 
 State per stream (snapshotted with the input offsets): the CurveStream state, the pruner's
-running mean and the last sequence number. The STC reference cache is a cache, not state: it
-lives in the encoder (per stream) and is not snapshotted (it is 19 MB per stream at 224 px); a
-restarted worker encodes the stream's next frame in full and makes it the reference, so the
-features after a restart differ from an uninterrupted run's within the cacher's fidelity.
+running mean, the last sequence number and the STC-Cacher's reference *by frame*: the reference
+cache (19 MB per stream at 224 px) is a full forward of one frame, so the state keeps that frame
+(its payload in the object store, content-addressed, written when the frame becomes the
+reference) and the cacher's counters; a restarted worker rebuilds the exact cache from it, and
+the features after a restart equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ class FrameStageState:
     last_seq: int = -1
     frames: int = 0
     keyframes: int = 0
+    stream_id: str = ""
+    # the STC reference: (object key, codec, width, height) of its frame, and the cacher's counters
+    reference: tuple[str, str, int, int] | None = None
+    stc_counters: tuple[int, int, int] = (0, 0, 0)  # frames, since_reference, references
+    restored: bool = field(default=False, compare=False)  # decoded from a snapshot: rebuild the cache
 
     def to_bytes(self) -> bytes:
-        head = json.dumps({"last_seq": self.last_seq, "frames": self.frames, "keyframes": self.keyframes}).encode()
+        head = json.dumps({
+            "last_seq": self.last_seq, "frames": self.frames, "keyframes": self.keyframes,
+            "stream_id": self.stream_id, "reference": self.reference, "stc_counters": self.stc_counters,
+        }).encode()
         curve, prune = self.curve.to_bytes(), self.prune.to_bytes()
         return _STATE + struct.pack("<III", len(head), len(curve), len(prune)) + head + curve + prune
 
@@ -105,7 +114,7 @@ class FrameStage:
 
     # -- state -------------------------------------------------------------------
     def initial_state(self, stream_id: str) -> FrameStageState:
-        return FrameStageState(self.router.init_state(), self.pruner.init_state())
+        return FrameStageState(self.router.init_state(), self.pruner.init_state(), stream_id=stream_id)
 
     def encode_state(self, state: FrameStageState) -> bytes:
         return state.to_bytes()
@@ -120,7 +129,10 @@ class FrameStage:
         at += n_head
         curve = self.router.restore(data[at : at + n_curve])
         prune = STCPruneState.from_bytes(data[at + n_curve : at + n_curve + n_prune])
-        return FrameStageState(curve, prune, head["last_seq"], head["frames"], head["keyframes"])
+        reference = tuple(head["reference"]) if head.get("reference") else None
+        return FrameStageState(curve, prune, head["last_seq"], head["frames"], head["keyframes"],
+                               stream_id=head.get("stream_id", ""), reference=reference,
+                               stc_counters=tuple(head.get("stc_counters", (0, 0, 0))), restored=True)
 
     # -- processing --------------------------------------------------------------
     def process(self, state: FrameStageState, record: KafkaRecord) -> tuple[FrameStageState, list[Output]]:
@@ -131,10 +143,14 @@ class FrameStage:
         if frame.seq <= state.last_seq:
             return state, []  # a duplicate, or late: the stream has moved on
         t0 = time.perf_counter()
+        if self._per_stream:
+            self._sync_cache(frame.stream_id, state)
         encoded = self._encode(frame.stream_id, pixels)
         encode_ms = (time.perf_counter() - t0) * 1000
         stats = getattr(self.encoder, "last_stats", None) or []
         cached = float(stats[-1].skipped_fraction) if stats else 0.0
+        if self._per_stream:
+            self._note_cache(frame, state, bool(stats and stats[-1].reference))
         pooled = encoded.pooled[0].float().cpu().numpy().astype(np.float32)
         digest = content_hash(frame.payload)
         step = self.router.step(state.curve, FrameInput(frame.seq, frame.pts_us, pooled, content_hash=digest))
@@ -167,6 +183,32 @@ class FrameStage:
             encode_ms=encode_ms,
         )
         return state, [note(self.memory_topic, f"{frame.stream_id}/frame/{frame.seq}", visual, record)]
+
+    def _sync_cache(self, stream_id: str, state: FrameStageState) -> None:
+        """Make the encoder's cache of the stream the state's: rebuilt from the reference frame
+        after a restore (or when the encoder dropped the stream), fresh for a new stream."""
+        if not state.restored and stream_id in self.encoder.streams:
+            return
+        state.restored = False
+        if state.reference is None:
+            self.encoder.set_state(stream_id, self.encoder.new_state())
+            return
+        if self.store is None:
+            raise RuntimeError("the frame stage needs an object store to restore its STC reference")
+        key, codec, width, height = state.reference
+        ref = Frame(stream_id=stream_id, seq=0, pts_us=0, codec=codec, width=width, height=height,
+                    payload=self.store.get(key))
+        frames, since, refs = state.stc_counters
+        self.encoder.set_state(stream_id, self.encoder.reference_state(
+            pixels_of(ref), frames=frames, since_reference=since, references=refs))
+
+    def _note_cache(self, frame: Frame, state: FrameStageState, reference: bool) -> None:
+        if reference and self.store is not None:
+            key = object_key(frame.stream_id, "stc-reference", f"{frame.seq:010d}", frame.payload)
+            self.store.put(key, frame.payload)  # content-addressed: harmless to write again
+            state.reference = (key, frame.codec, frame.width, frame.height)
+        st = self.encoder.state(frame.stream_id)
+        state.stc_counters = (st.frames, st.since_reference, st.references)
 
     def _encode(self, stream_id: str, pixels: np.ndarray):
         with torch.inference_mode():
