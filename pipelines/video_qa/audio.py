@@ -76,11 +76,14 @@ class AudioStage:
         wall = wall_us(record) + _duration_us(chunk)  # the chunk has been heard to its end
         outputs: list[Output] = []
         for t in transcripts:
+            # never before the audio already noted (VAD pads segments): the memory stage orders
+            # text by start time and has passed everything up to the last note
+            start = max(t.start_us, state.marked_us, 0)
             speech = SpeechNote(
-                stream_id=chunk.stream_id, seq=chunk.seq, start_us=t.start_us, end_us=max(t.end_us, t.start_us),
+                stream_id=chunk.stream_id, seq=chunk.seq, start_us=start, end_us=max(t.end_us, start),
                 wall_us=wall, text=t.text.strip(), avg_logprob=float(t.avg_logprob), asr_ms=asr_ms,
             )
-            outputs.append(note(self.memory_topic, f"{chunk.stream_id}/speech/{t.start_us}", speech, record))
+            outputs.append(note(self.memory_topic, f"{chunk.stream_id}/speech/{start}", speech, record))
             state.marked_us = max(state.marked_us, t.end_us)
             state.utterances += 1
         heard_us = chunk.pts_us + _duration_us(chunk)

@@ -148,7 +148,7 @@ class StageFactories:
         return MemoryStage(
             lambda: load_memory_models(settings), settings.topics.answers, objects=self._objects(),
             config=MemoryStageConfig(hold_timeout_us=int(p.hold_timeout_s * 1e6),
-                                     image_match_threshold=p.image_match_threshold),
+                                     image_match_threshold=p.image_match_threshold, expect_audio=p.speech),
             limits=limits_from(settings),
         )
 

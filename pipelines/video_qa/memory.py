@@ -37,6 +37,7 @@ from streamvqa.schemas import (
     EvidenceSpan,
     Limits,
     ManifestBlock,
+    ManifestFrame,
     MemoryManifest,
     Query,
     SpeechNote,
@@ -64,6 +65,11 @@ class MemoryStageConfig:
     image_match_margin: float = 0.08  # spans within this similarity of the best one are reported too
     scene_note_gap_us: int = 5_000_000  # at most one scene-change note per this much stream time
     max_spans: int = 3
+    # Text enters the memory in stream-time order once every source passed it. Until a stream's
+    # first audio note its frames' text waits (for audio that may come later), entering the memory
+    # at the stream's questions, or once this many notes are waiting (a stream without audio).
+    expect_audio: bool = True
+    max_pending_without_audio: int = 256
 
 
 @dataclass
@@ -85,8 +91,16 @@ class MemoryState:
     last_frame_seq: int = -1
     heard_us: int = -1
     last_scene_note_us: int = -(1 << 62)
+    frame_pts_us: int = -1  # the last frame noted (stream time)
+    offset_us: int | None = None  # wall clock minus stream time (the producer's clock origin)
     seqs: list[int] = field(default_factory=list)
     pts: list[int] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    # text waiting for both sources to pass it: (start_us, kind, seq, text, start_us, end_us)
+    pending: list[tuple[int, int, int, str, int, int]] = field(default_factory=list)
     features: np.ndarray | None = None  # (frames, D) float16
     held: list[Held] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
@@ -162,8 +176,15 @@ class MemoryStage:
             "last_frame_seq": state.last_frame_seq,
             "heard_us": state.heard_us,
             "last_scene_note_us": state.last_scene_note_us,
+            "frame_pts_us": state.frame_pts_us,
+            "offset_us": state.offset_us,
             "seqs": state.seqs,
             "pts": state.pts,
+            "tiers": state.tiers,
+            "scores": state.scores,
+            "tokens": state.tokens,
+            "hashes": state.hashes,
+            "pending": state.pending,
             "dim": 0 if state.features is None else int(state.features.shape[1]),
             "held": [
                 [base64.b64encode(h.data).decode(), h.query_id, h.asked_at_us, h.received_us] for h in state.held
@@ -189,8 +210,9 @@ class MemoryStage:
             state.kv_version = head["kv_version"]
             state.kv_saved = (state.kv_version, head["kv_key"])
         for name in ("frames_wall_us", "audio_wall_us", "last_frame_seq", "heard_us", "last_scene_note_us",
-                     "seqs", "pts", "answered", "utterances"):
+                     "frame_pts_us", "offset_us", "seqs", "pts", "tiers", "scores", "tokens", "hashes", "answered", "utterances"):
             setattr(state, name, head[name])
+        state.pending = [tuple(p) for p in head["pending"]]
         if head["dim"]:
             state.features = np.frombuffer(feats, "<f2").reshape(-1, head["dim"]).copy()
         state.held = [Held(base64.b64decode(d), q, a, r) for d, q, a, r in head["held"]]
@@ -210,6 +232,7 @@ class MemoryStage:
                 state.held.append(Held(record.value, item.query_id, item.asked_at_us, wall_us(record)))
         else:
             raise WrongRecordType(f"the memory topic carries notes and queries, not a {type(item).__name__}")
+        self._flush(state)
         return state, self._release(state, None)
 
     def tick(self, state: MemoryState, now: int) -> tuple[MemoryState, list[Output]]:
@@ -240,21 +263,71 @@ class MemoryStage:
         state.features = vec if state.features is None else np.concatenate([state.features, vec])
         state.seqs.append(n.seq)
         state.pts.append(n.pts_us)
+        state.tiers.append(n.tier)
+        state.scores.append(0.0 if n.score is None else float(n.score))
+        state.tokens.append(n.tokens)
+        state.hashes.append(n.content_hash)
+        state.frame_pts_us = max(state.frame_pts_us, n.pts_us)
+        if state.offset_us is None:
+            state.offset_us = n.wall_us - n.pts_us
         scene = n.tier == "clear" and n.reason in ("first", "above")
         if scene and n.pts_us - state.last_scene_note_us >= self.config.scene_note_gap_us:
             state.last_scene_note_us = n.pts_us
             what = "The video starts." if n.reason == "first" else "The picture changes: a new scene."
-            self._prefill(state, f"[{n.pts_us / 1e6:.1f} s] {what}\n", n.pts_us, n.pts_us)
+            state.pending.append((n.pts_us, 0, n.seq, f"[{n.pts_us / 1e6:.1f} s] {what}\n", n.pts_us, n.pts_us))
 
     def _speech(self, state: MemoryState, n: SpeechNote) -> None:
         state.audio_wall_us = max(state.audio_wall_us, n.wall_us)
         if n.end_us <= state.heard_us and n.text:
             return  # a replayed utterance
         state.heard_us = max(state.heard_us, n.end_us)
+        if state.offset_us is None:
+            state.offset_us = n.wall_us - n.end_us  # the note's wall clock is its chunk's end
         if n.text:
             state.utterances += 1
-            self._prefill(state, f"[{n.start_us / 1e6:.1f}-{n.end_us / 1e6:.1f} s] Speech: {n.text}\n",
-                          n.start_us, n.end_us)
+            state.pending.append((n.start_us, 1, n.seq, f"[{n.start_us / 1e6:.1f}-{n.end_us / 1e6:.1f} s] "
+                                  f"Speech: {n.text}\n", n.start_us, n.end_us))
+
+    def _flush(self, state: MemoryState, everything: bool = False, upto: int | None = None) -> None:
+        """Prefill the pending text that every source of the stream has passed, in stream-time
+        order, never past the time of a question still held: what the KV memory holds when a
+        question is answered, and in which order, depends on the stream, not on how the stages'
+        notes interleaved on the memory topic (a restarted run builds the same memory)."""
+        if not state.pending:
+            return
+        if upto is not None:
+            self._prefill_ready(state, upto)
+            return
+        # Every source the stream is expected to have must have reported: one that has not may only
+        # be late (its stage lags), and text of the other would enter the memory out of order. A
+        # source that never comes (audio-only, or video without audio) holds the text until a
+        # question takes it (or until too much waits).
+        expected_missing = state.frames_wall_us < 0 or (self.config.expect_audio and state.audio_wall_us < 0)
+        if expected_missing and len(state.pending) <= self.config.max_pending_without_audio:
+            return
+        marks = []
+        if state.frames_wall_us >= 0:
+            marks.append(state.frame_pts_us)
+        if state.audio_wall_us >= 0:
+            marks.append(state.heard_us)
+        limit = (1 << 62) if everything or not marks else min(marks)
+        if not everything:
+            held = [self._stream_time(state, h) for h in state.held]
+            limit = min([limit, *[t for t in held if t is not None]])
+        self._prefill_ready(state, limit)
+
+    def _prefill_ready(self, state: MemoryState, limit: int) -> None:
+        ready = sorted(p for p in state.pending if p[0] <= limit)
+        if not ready:
+            return
+        state.pending = [p for p in state.pending if p[0] > limit]
+        for _, _, _, text, start, end in ready:
+            self._prefill(state, text, start, end)
+
+    @staticmethod
+    def _stream_time(state: MemoryState, h: Held) -> int | None:
+        """The stream time a question was asked at (None before the stream's clock is known)."""
+        return None if state.offset_us is None else h.asked_at_us - state.offset_us
 
     # -- questions -----------------------------------------------------------------
     def _ready(self, state: MemoryState, h: Held, now: int | None) -> bool:
@@ -264,13 +337,22 @@ class MemoryStage:
             return False  # no frame yet: wait (an audio-only stream is released by the timeout)
         if state.frames_wall_us < h.asked_at_us:
             return False
-        return state.audio_wall_us < 0 or state.audio_wall_us >= h.asked_at_us
+        if state.audio_wall_us < 0:
+            # no audio yet: it may only be late (its stage lags), so with speech on the question waits
+            # for it; a stream without audio is answered when the hold times out
+            return not self.config.expect_audio
+        return state.audio_wall_us >= h.asked_at_us
 
     def _release(self, state: MemoryState, now: int | None) -> list[Output]:
         outputs, keep = [], []
-        for h in state.held:
+        for h in sorted(state.held, key=lambda h: (h.asked_at_us, h.query_id)):
             if self._ready(state, h, now):
-                answer = self._answer(state, h)
+                at = self._stream_time(state, h)
+                if now is not None or at is None:  # the hold timed out (a source stopped): what came
+                    self._flush(state, everything=True)
+                else:  # exactly the text up to the question's time
+                    self._flush(state, upto=at)
+                answer = self._answer(state, h, at)
                 outputs.append(Output(self.answers_topic, h.query_id.encode(), encode(answer),
                                       partition_key=state.stream_id.encode()))
                 state.answered = [*state.answered, h.query_id][-KEEP_ANSWERED:]
@@ -281,7 +363,7 @@ class MemoryStage:
             self._write_manifest(state)
         return outputs
 
-    def _answer(self, state: MemoryState, h: Held) -> Answer:
+    def _answer(self, state: MemoryState, h: Held, at: int | None = None) -> Answer:
         query = decode(h.data, Query, self.limits)
         released = now_us()
         latency = [StageLatency(stage="wait", ms=max(0.0, (released - h.received_us) / 1000))]
@@ -289,7 +371,7 @@ class MemoryStage:
             text = f"unknown stream {state.stream_id!r}: no frames or audio of it have reached the pipeline"
             evidence, model_id = (), SYSTEM_ID
         elif query.image is not None:
-            text, evidence, model_id, timings = self._image_answer(state, query)
+            text, evidence, model_id, timings = self._image_answer(state, query, at)
             latency += [StageLatency(stage=k, ms=v) for k, v in timings.items()]
         elif state.kv is None:
             text, evidence, model_id = "Nothing has been said or noted in this stream yet.", (), SYSTEM_ID
@@ -323,7 +405,7 @@ class MemoryStage:
         }
         return answer.text.strip(), evidence, memory.model_id, timings
 
-    def _image_answer(self, state: MemoryState, query: Query):
+    def _image_answer(self, state: MemoryState, query: Query, at: int | None = None):
         from streamvqa.schemas import SchemaError
 
         from .frames import decode_image
@@ -341,8 +423,10 @@ class MemoryStage:
         if state.features is None:
             return "No frame of this stream has been seen yet.", [], name, {"encode": (t1 - t0) * 1000}
         vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
-        sims = state.features.astype(np.float32) @ vec.astype(np.float32)
-        spans = match_spans(sims, state.pts, self.config.image_match_threshold, self.config.image_match_margin)
+        upto = len(state.pts) if at is None else int(np.searchsorted(np.asarray(state.pts), at, side="right"))
+        upto = max(upto, 1)  # frames up to the question's time (at least the first)
+        sims = state.features[:upto].astype(np.float32) @ vec.astype(np.float32)
+        spans = match_spans(sims, state.pts[:upto], self.config.image_match_threshold, self.config.image_match_margin)
         spans = spans[: self.config.max_spans]
         timings = {"encode": (t1 - t0) * 1000, "match": (time.perf_counter() - t1) * 1000}
         best = int(np.argmax(sims))
@@ -359,11 +443,19 @@ class MemoryStage:
         operators; overwritten after every answer. Not state: nothing reads it back."""
         if self.objects is None or state.kv is None:
             return
-        kv, store = state.kv, self.memory.store
-        blocks = []
+        manifest = manifest_of(state, self.memory.store)
+        self.objects.put(f"{stream_prefix(state.stream_id)}memory/manifest", encode(manifest))
+
+
+def manifest_of(state: MemoryState, store=None) -> MemoryManifest:
+    """A stream's memory: every frame (tier, tokens, score, content hash) and every KV block (time
+    range, bytes, content hash; the tier ``store`` holds it in, else "object" for spilled blocks)."""
+    kv = state.kv
+    blocks = []
+    if kv is not None:
         per_token = _bytes_per_token(kv)
         for s in kv.index:
-            tiers = store.where(s.key)
+            tiers = store.where(s.key) if store is not None else []
             blocks.append(ManifestBlock(
                 block_index=s.block_index, start_us=s.start_us, end_us=max(s.end_us, s.start_us),
                 tier=_tier_name(tiers[0]) if tiers else "object", nbytes=s.num_tokens * per_token,
@@ -376,11 +468,28 @@ class MemoryStage:
                     tier="gpu" if b.device.type == "cuda" else "cpu", nbytes=b.nbytes, key="",
                     content_hash=b.content_hash(),
                 ))
-        manifest = MemoryManifest(
-            stream_id=state.stream_id, generation=state.kv_version, updated_at_us=now_us(), token_budget=0,
-            total_tokens=sum(b.nbytes for b in blocks) // max(per_token, 1), kv_blocks=tuple(blocks),
-        )
-        self.objects.put(f"{stream_prefix(state.stream_id)}memory/manifest", encode(manifest))
+    frames = tuple(
+        ManifestFrame(seq=q, pts_us=p, tier=t, tokens=k, score=c, content_hash=h)
+        for q, p, t, k, c, h in zip(state.seqs, state.pts, state.tiers, state.tokens, state.scores, state.hashes,
+                                    strict=True)
+    )
+    return MemoryManifest(
+        stream_id=state.stream_id, generation=state.kv_version, updated_at_us=now_us(), token_budget=0,
+        total_tokens=sum(state.tokens) + (sum(b.num_tokens for b in [kv.sink, *kv.window] if b is not None)
+                                          + sum(s.num_tokens for s in kv.index) if kv is not None else 0),
+        frames=frames, kv_blocks=tuple(blocks),
+    )
+
+
+def state_from_snapshot(data: bytes, objects, kv_store) -> MemoryState:
+    """A memory stage state from its snapshot bytes without loading any model (tools, tests)."""
+    stage = MemoryStage(lambda: (_StoreOnly(kv_store), None), answers_topic="-", objects=objects)
+    return stage.decode_state(data)
+
+
+class _StoreOnly:
+    def __init__(self, store) -> None:
+        self.store = store
 
 
 def _bytes_per_token(kv) -> int:
