@@ -303,7 +303,7 @@ class MemoryStage:
         # source that never comes (audio-only, or video without audio) holds the text until a
         # question takes it (or until too much waits).
         expected_missing = state.frames_wall_us < 0 or (self.config.expect_audio and state.audio_wall_us < 0)
-        if expected_missing and len(state.pending) <= self.config.max_pending_without_audio:
+        if not everything and expected_missing and len(state.pending) <= self.config.max_pending_without_audio:
             return
         marks = []
         if state.frames_wall_us >= 0:
