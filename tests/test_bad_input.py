@@ -189,3 +189,33 @@ def test_fuzz_random_and_mutated_messages(stages) -> None:
                 "memory": encode(dataclasses.replace(speech, start_us=10**9, end_us=10**9 + 1))}[topic]
         stage.process(state, rec(topic, good, n))
     assert refused + accepted == sum(counts.values()) and refused > 0.8 * sum(counts.values())
+
+
+def test_a_memory_state_never_holds_another_streams_memory(stages) -> None:
+    """Keys are namespaced by stream id and verified on read: a snapshot rewritten to point at
+    another stream's KV memory, or a KV memory copied under another stream's key, is refused."""
+    import json
+    import struct
+
+    from streamvqa.operators.kv import BlockMismatch
+
+    memory = stages["memory"]
+    victim = memory.initial_state("victim-1")
+    victim.kv, victim.kv_version = memory.memory.open("victim-1"), 1
+    blob = memory.encode_state(victim)
+    magic = b"streamvqa.memory-stage/1"
+    (n,) = struct.unpack_from("<I", blob, len(magic))
+    head = json.loads(blob[len(magic) + 4 : len(magic) + 4 + n])
+
+    def forged(**changes) -> bytes:
+        raw = json.dumps({**head, **changes}).encode()
+        return magic + struct.pack("<I", len(raw)) + raw + blob[len(magic) + 4 + n :]
+
+    with pytest.raises(BlockMismatch):  # the attacker's state naming the victim's memory
+        memory.decode_state(forged(stream_id="attacker-1"))
+    # the victim's memory copied under the attacker's prefix: its blocks say whose they are
+    stolen = f"streams/attacker-1/memory/kv-state/{head['kv_key'].rsplit('/', 1)[1]}"
+    memory.objects.put(stolen, memory.objects.get(head["kv_key"]))
+    with pytest.raises(BlockMismatch):
+        memory.decode_state(forged(stream_id="attacker-1", kv_key=stolen))
+    assert memory.decode_state(blob).kv.stream_id == "victim-1"  # the real one still reads

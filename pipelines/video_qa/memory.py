@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.kv import BlockMismatch
 from streamvqa.schemas import (
     Answer,
     EvidenceSpan,
@@ -206,7 +207,12 @@ class MemoryStage:
         feats = data[at + 4 + n :]
         state = MemoryState(head["stream_id"])
         if head["kv_key"] is not None:
+            # verified on read: a state may only name its own stream's memory
+            if not head["kv_key"].startswith(stream_prefix(state.stream_id)):
+                raise BlockMismatch(f"the state of stream {state.stream_id!r} names {head['kv_key']!r}")
             state.kv = StreamKV.from_bytes(self.objects.get(head["kv_key"]), self.memory.store)
+            if state.kv.stream_id != state.stream_id:
+                raise BlockMismatch(f"the state of stream {state.stream_id!r} holds the memory of {state.kv.stream_id!r}")
             state.kv_version = head["kv_version"]
             state.kv_saved = (state.kv_version, head["kv_key"])
         for name in ("frames_wall_us", "audio_wall_us", "last_frame_seq", "heard_us", "last_scene_note_us",
