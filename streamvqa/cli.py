@@ -149,15 +149,19 @@ def run_passthrough(
 def run_pipeline(
     group: Annotated[str, typer.Option(help="Consumer group / application id (names the state).")] = "streamvqa",
     data_dir: DataDir = None,
+    restart: Annotated[bool, typer.Option(help="Run again after a failure (outages), with backoff.")] = True,
 ) -> None:
     """The main job: frames, audio and questions in, answers out (runs until stopped)."""
+    import logging
+
     from streamvqa.pipelines.video_qa import graph
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(data_dir)
     console.log(f"pipeline {group}: {', '.join(graph.input_topics(settings))} -> {settings.topics.answers} "
                 f"on {settings.runner.name}")
     try:
-        graph.run(settings, group)
+        graph.run_supervised(settings, group) if restart else graph.run(settings, group)
     except StackError as err:
         raise _fail(err) from err
 

@@ -18,6 +18,7 @@ owning some partitions. Models load once per worker, on first use.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import apache_beam as beam
@@ -185,3 +186,32 @@ def build(pipeline: beam.Pipeline, settings: Settings, group: str = DEFAULT_GROU
 def run(settings: Settings, group: str = DEFAULT_GROUP) -> None:
     with beam.Pipeline(runner=make_runner(settings), options=pipeline_options(settings)) as pipeline:
         build(pipeline, settings, group)
+
+
+def run_supervised(
+    settings: Settings, group: str = DEFAULT_GROUP, *, backoff_s: tuple[float, float] = (1.0, 30.0),
+    attempts: int | None = None,
+) -> None:
+    """Run the pipeline, and run it again when it fails (the object store or the broker out, a
+    worker crash), after an exponential backoff: every run resumes from the committed state of
+    the exactly-once task, so an outage costs time, never data (tests/test_pipeline_faults.py).
+    While it waits nothing is consumed: the inputs stay in Kafka (backpressure, not loss).
+    ``attempts``: give up after this many failures in a row (None: never)."""
+    low, high = backoff_s
+    delay, failures = low, 0
+    while True:
+        started = time.monotonic()
+        try:
+            run(settings, group)
+            return  # the sources ended (end-of-stream markers)
+        except Exception as err:  # any failure of a run is retried from the committed state
+            failures = 1 if time.monotonic() - started > 120 else failures + 1
+            if failures == 1:
+                delay = low
+            reason = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+            log.error("pipeline run failed (%s: %s); run %d restarts in %.0f s",
+                      type(err).__name__, reason, failures + 1, delay)
+            if attempts is not None and failures >= attempts:
+                raise
+            time.sleep(delay)
+            delay = min(high, delay * 2)
