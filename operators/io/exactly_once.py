@@ -107,6 +107,21 @@ class Progress:
         )
 
 
+class ProcessingFailed(SchemaError):
+    """A record the processor failed on (not a schema problem: a model raising) in several runs."""
+
+    reason = "processing_failed"
+
+
+def is_outage(err: BaseException) -> bool:
+    """An error of the infrastructure (object store, broker, network), not of the record: a run
+    that fails on it is run again, and the record is not counted against."""
+    if isinstance(err, ConnectionError | TimeoutError | OSError):
+        return True
+    module = type(err).__module__ or ""
+    return module.startswith(("botocore", "urllib3", "kafka", "boto3", "minio"))
+
+
 class ProgressConflict(RuntimeError):
     """Another task instance committed this partition: this one is a zombie and must stop."""
 
@@ -127,6 +142,7 @@ class PartitionTask:
         commit_interval_s: float = 1.0,
         io_threads: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        max_failures: int = 3,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -147,7 +163,10 @@ class PartitionTask:
         self._position: int | None = None  # next offset after the last record seen
         self.skipped = 0
         self.dead_letters = 0
+        self.max_failures = max_failures
+        self.failures_prefix = f"tasks/{group}/{processor.name}/{topic}/{partition}/failures/"
         self.progress, self._progress_etag = self._load_progress()
+        self._failures = self._load_failures()
 
     @property
     def source_offset_key(self) -> str:
@@ -161,6 +180,26 @@ class PartitionTask:
             return Progress.from_bytes(data), etag
         except ObjectNotFound:
             return Progress(0, 0, {}), None
+
+    def _load_failures(self) -> dict[int, dict]:
+        """Records this partition's processor failed on in earlier runs (offset -> count, error)."""
+        out = {}
+        for info in self.progress_store.list(self.failures_prefix):
+            try:
+                entry = json.loads(self.progress_store.get(info.key))
+                out[int(entry["offset"])] = entry
+            except (ObjectNotFound, ValueError, KeyError):
+                continue
+        return out
+
+    def _record_failure(self, record: KafkaRecord, err: BaseException) -> None:
+        """Count a failure of the processor on ``record``; the run then fails and is run again
+        from the committed state. After ``max_failures`` such runs the record is dead-lettered
+        instead of processed (a poison record must not stop its partition forever)."""
+        entry = self._failures.get(record.offset, {"offset": record.offset, "count": 0})
+        entry = {**entry, "count": entry["count"] + 1, "error": f"{type(err).__name__}: {err}"[:2000]}
+        self.progress_store.put(f"{self.failures_prefix}{record.offset:020d}", json.dumps(entry).encode())
+        self._failures[record.offset] = entry
 
     def recover_ledger(self, consumer_factory, output_topics: list[str]) -> int:
         """Call once, before ``process``. A task that committed before suppresses the outputs
@@ -210,11 +249,21 @@ class PartitionTask:
             if record.offset < slot.next_offset:
                 self.skipped += 1  # absorbed before a restart
             else:
+                failed = self._failures.get(record.offset)
                 try:
+                    if failed is not None and failed["count"] >= self.max_failures:
+                        raise ProcessingFailed(
+                            f"the {self.processor.name} stage failed on this record in {failed['count']} runs; "
+                            f"last: {failed.get('error', '?')}"
+                        )
                     slot.state, outputs = self.processor.process(slot.state, record)
                 except SchemaError as err:
                     outputs = []
                     self._dead_letter(record, err)
+                except Exception as err:
+                    if not is_outage(err):
+                        self._record_failure(record, err)
+                    raise  # the run fails; it is run again from the committed state
                 slot.next_offset = record.offset + 1
                 slot.dirty = True
                 for output in outputs:
@@ -458,6 +507,7 @@ __all__ = [
     "ExactlyOnceDoFn",
     "PartitionTask",
     "Progress",
+    "ProcessingFailed",
     "ProgressConflict",
     "SnapshotConflict",
     "StreamProcessor",
