@@ -1,4 +1,5 @@
-"""Dependency faults against the main pipeline: the object store stopped for 30 s mid-stream.
+"""Dependency faults against the main pipeline: the object store stopped for 30 s mid-stream, and
+the broker (durable storage) restarted mid-stream.
 The pipeline process stays up (its supervisor runs the pipeline again with backoff), nothing is
 consumed past what could be committed (the inputs wait in Kafka), and once the store is back
 everything catches up: every question answered once, every frame noted once, nothing lost."""
@@ -45,7 +46,36 @@ def test_object_store_outage_costs_time_not_data(private_stack, tmp_path) -> Non
     assert sorted(visual) == list(range(len(list(media.frames_dir.glob("*.jpg")))))  # no frame lost
     assert len(manifest.frames) == len(visual)
     assert len(letters) == 3 and set(letters.values()) == {1}
+    assert "ECONNREFUSED" in log.read_text(errors="replace")  # the restart was felt, and outlived
     for answer, question in zip(sorted(answers, key=lambda a: a.query_id), media.questions, strict=True):
         lo, hi = (int(x * 1e6) for x in question.expect)
         assert answer.evidence and answer.evidence[0].start_us < hi and answer.evidence[0].end_us > lo, answer
     assert "pipeline run failed" in log.read_text(errors="replace")  # the outage was felt, and outlived
+
+
+def test_broker_restart_mid_stream_costs_time_not_data(private_stack, tmp_path) -> None:
+    private_stack.up(broker_storage="s3")  # durable: topics and offsets survive a restart
+    settings, endpoints = _settings(private_stack.settings.model_copy(
+        update={"local": private_stack.settings.local.model_copy(update={"broker_storage": "s3"})}),
+        f"k{uuid.uuid4().hex[:4]}")
+    media = build_demo_media(tmp_path / "media", scene_s=15.0, fps=1.0)
+    stream_id = f"broker-{uuid.uuid4().hex[:6]}"
+    log = tmp_path / "pipeline.log"
+    proc = start_pipeline(settings, log, group="faults-broker")
+    try:
+        ids = _ask(settings, endpoints, media, stream_id)
+        _stream(settings, endpoints, media, stream_id, None)  # all of it in the broker first
+        time.sleep(8.0)  # the pipeline is mid-stream
+        assert private_stack.broker.stop(grace_s=0.5)
+        time.sleep(10.0)
+        assert proc.poll() is None, "the pipeline process died with the broker"
+        private_stack.up(broker_storage="s3")
+        _wait(settings, endpoints, "faults-broker", stream_id, media, ids, 600, lambda: proc)
+    finally:
+        stop_pipeline(proc)
+    answers, identities, visual, _speech, letters, _manifest = _outcome(settings, endpoints, "faults-broker", stream_id)
+    assert sorted(a.query_id for a in answers) == sorted(ids)
+    assert set(identities.values()) == {1}
+    assert sorted(visual) == list(range(len(list(media.frames_dir.glob("*.jpg")))))
+    assert len(letters) == 3 and set(letters.values()) == {1}
+    assert "ECONNREFUSED" in log.read_text(errors="replace")  # the restart was felt, and outlived
