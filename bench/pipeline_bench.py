@@ -399,12 +399,14 @@ def concurrent(run: Run, media, n: int, seconds: int, label: str) -> dict:
     per_loop = len(list(media.frames_dir.glob("*.jpg")))
     sids = [f"live{label}-{run.tag}-{i}" for i in range(n)]
     total = n * seconds
+    rss = RssSampler(run.pipeline.pid).start()
     with _progress() as progress:
         task = progress.add_task(f"{n} streams at 1 fps for {seconds} s", total=total, info="")
         boxes = [run.produce_async(media.frames_dir, ProduceOptions(
             stream_id=sid, image_fps=1.0, speed=1.0, audio=False, resume=False, limit=seconds,
             loops=math.ceil(seconds / per_loop))) for sid in sids]
         got = run.wait_notes(sids, total, seconds + max(60, seconds), progress, task, producers=boxes)
+    samples = rss.stop()
     notes = sorted((n_ for sid in sids for n_ in run.watcher.notes(sid)), key=lambda x: x.wall_us)
     lags = [x.read_s - x.wall_us / 1e6 for x in notes]
     third = max(1, len(lags) // 3)
@@ -416,7 +418,53 @@ def concurrent(run: Run, media, n: int, seconds: int, label: str) -> dict:
         "lag_p50_s": _r(_pct(lags, 50), 3), "lag_p95_s": _r(_pct(lags, 95), 3), "lag_max_s": _r(max(lags), 3),
         "lag_p95_first_third_s": _r(p95_first, 3), "lag_p95_last_third_s": _r(p95_last, 3),
         "bounded": bounded,
+        # the pipeline process's resident memory over the run (MB): first, last third's max, max
+        "rss_first_mb": _r(samples[0] if samples else None, 1),
+        "rss_last_third_max_mb": _r(max(samples[-max(1, len(samples) // 3):]) if samples else None, 1),
+        "rss_max_mb": _r(max(samples) if samples else None, 1),
     }
+
+
+class RssSampler:
+    """Resident memory (MB) of a process and its children, sampled every second from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.samples = pid, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.samples
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            total = 0
+            for pid in [self.pid, *_children(self.pid)]:
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+                except OSError:
+                    continue
+            if total:
+                self.samples.append(total / 1024)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    out = [int(k) for k in kids]
+    for k in list(out):
+        out += _children(k)
+    return out
 
 
 def questions(run: Run, media, count: int) -> dict:
@@ -561,6 +609,8 @@ def _print(results: dict, cores: int) -> None:
         table.add_row("  bounded (p95 first -> last third, noted)",
                       f"{'yes' if r['bounded'] else 'NO'} ({r['lag_p95_first_third_s']} -> "
                       f"{r['lag_p95_last_third_s']} s, {r['noted']}/{r['frames']})", "", "")
+        table.add_row("  pipeline RSS MB (first, last third max, max)",
+                      f"{r['rss_first_mb']}, {r['rss_last_third_max_mb']}, {r['rss_max_mb']}", "", "")
     table.add_row(f"question ms p50 ({q['questions']} asked)", f"{q['client_ms_p50']} (client)",
                   f"{q['model_ms_p50']} (model)", f"{q['ratio_p50']}")
     table.add_row("question ms p95", f"{q['client_ms_p95']}", f"{q['model_ms_p95']}", f"{q['ratio_p95']}")
