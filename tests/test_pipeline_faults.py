@@ -46,7 +46,6 @@ def test_object_store_outage_costs_time_not_data(private_stack, tmp_path) -> Non
     assert sorted(visual) == list(range(len(list(media.frames_dir.glob("*.jpg")))))  # no frame lost
     assert len(manifest.frames) == len(visual)
     assert len(letters) == 3 and set(letters.values()) == {1}
-    assert "ECONNREFUSED" in log.read_text(errors="replace")  # the restart was felt, and outlived
     for answer, question in zip(sorted(answers, key=lambda a: a.query_id), media.questions, strict=True):
         lo, hi = (int(x * 1e6) for x in question.expect)
         assert answer.evidence and answer.evidence[0].start_us < hi and answer.evidence[0].end_us > lo, answer
