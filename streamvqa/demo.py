@@ -17,7 +17,6 @@ report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -275,7 +274,6 @@ class _AnswerCollector(threading.Thread):
         self._items: list[Answer] = []
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
-        self.ready = threading.Event()
 
     def run(self) -> None:
         from streamvqa.ask import follow_answers
@@ -396,11 +394,3 @@ def _report_data(settings: Settings, endpoints, result: DemoResult):
         dead_letters=tuple((d.reason, d.detail) for d in letters),
         summary=summary,
     )
-
-
-def result_json(result: DemoResult) -> str:
-    return json.dumps({
-        "stream_id": result.stream_id, "ok": result.ok, "elapsed_s": round(result.elapsed_s, 1),
-        "answers": {f"Q{i + 1}": a.text for i, a in sorted(result.answers.items())},
-        "dead_letters": len(result.dead_letters), "injected": result.injected,
-    })

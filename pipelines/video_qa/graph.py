@@ -34,7 +34,6 @@ from .common import limits_from
 
 log = logging.getLogger("streamvqa.pipeline")
 DEFAULT_GROUP = "streamvqa"
-SMOLLM2 = "smollm2"
 
 
 def input_topics(settings: Settings) -> list[str]:
