@@ -107,7 +107,7 @@ def ask(
     from kafka import TopicPartition
 
     from streamvqa import connect
-    from streamvqa.produce import _high_watermark, partition_for
+    from streamvqa.produce import high_watermark, partition_for
     from streamvqa.schemas import decode, encode
 
     endpoints = connect.resolve_endpoints(settings)
@@ -125,7 +125,7 @@ def ask(
         tp = TopicPartition(settings.topics.answers, partition_for(producer, settings.topics.answers,
                                                                  stream_id.encode()))
         consumer.assign([tp])
-        start = _high_watermark(consumer, tp, int(consumer.beginning_offsets([tp])[tp]), 30.0)
+        start = high_watermark(consumer, tp)
         consumer.seek(tp, start)
         producer.send(settings.topics.queries, key=stream_id.encode(), value=value).get(timeout=30)
         deadline = time.monotonic() + timeout_s
@@ -156,7 +156,7 @@ def follow_answers(
     from kafka import TopicPartition
 
     from streamvqa import connect
-    from streamvqa.produce import _high_watermark
+    from streamvqa.produce import high_watermark
     from streamvqa.schemas import SchemaError, decode
 
     endpoints = connect.resolve_endpoints(settings)
@@ -169,7 +169,7 @@ def follow_answers(
         consumer.assign(parts)
         if not from_beginning:
             for tp in parts:
-                consumer.seek(tp, _high_watermark(consumer, tp, int(consumer.beginning_offsets([tp])[tp]), 30.0))
+                consumer.seek(tp, high_watermark(consumer, tp))
         last = time.monotonic()
         while (idle_timeout_s is None or time.monotonic() - last < idle_timeout_s) and not (stop and stop.is_set()):
             for messages in consumer.poll(timeout_ms=200).values():

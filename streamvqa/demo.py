@@ -117,7 +117,7 @@ def read_partition_of(settings: Settings, endpoints, topic: str, key: bytes, all
     """Messages of ``topic`` keyed ``key`` (the stream's partition, or every partition), up to now."""
     from kafka import TopicPartition
 
-    from streamvqa.produce import _high_watermark, partition_for
+    from streamvqa.produce import high_watermark, partition_for
 
     producer = connect.producer(settings, endpoints)
     consumer = connect.consumer(settings, endpoints, group_id=None)
@@ -129,7 +129,7 @@ def read_partition_of(settings: Settings, endpoints, topic: str, key: bytes, all
             tp = TopicPartition(topic, p)
             consumer.assign([tp])
             begin = int(consumer.beginning_offsets([tp])[tp])
-            high = _high_watermark(consumer, tp, begin, 30.0)
+            high = high_watermark(consumer, tp, begin)
             consumer.seek(tp, begin)
             deadline = time.monotonic() + 60
             while consumer.position(tp) < high and time.monotonic() < deadline:

@@ -70,6 +70,7 @@ __all__ = [
     "ProduceOptions",
     "ProduceReport",
     "find_last",
+    "high_watermark",
     "produce",
     "produce_command",
     "sample_times",
@@ -217,7 +218,7 @@ def find_last(
     try:
         consumer.assign([tp])
         begin = int(consumer.beginning_offsets([tp])[tp])
-        high = _high_watermark(consumer, tp, begin, timeout_s)
+        high = high_watermark(consumer, tp, begin, timeout_s)
         stop, span = high, window
         while stop > begin:
             start = max(begin, stop - span)
@@ -230,7 +231,12 @@ def find_last(
         consumer.close()
 
 
-def _high_watermark(consumer: Any, tp: Any, begin: int, timeout_s: float) -> int:
+def high_watermark(consumer: Any, tp: Any, begin: int | None = None, timeout_s: float = 30.0) -> int:
+    """The end of partition ``tp`` (assigned to ``consumer``), from a fetch response: ListOffsets
+    "latest" is wrong on the embedded broker. ``begin``: where to fetch from (default: the
+    partition's first offset). Leaves the consumer positioned somewhere at or after ``begin``."""
+    if begin is None:
+        begin = int(consumer.beginning_offsets([tp])[tp])
     consumer.seek(tp, begin)
     deadline = time.monotonic() + timeout_s
     while True:
