@@ -24,6 +24,23 @@ def new_topics(settings, endpoints, *names: str, partitions: int = 3) -> list[st
     return topics
 
 
+def private_topics(settings, prefix: str):
+    """``settings`` with topics of one test alone (``<prefix>-<hex>.<role>``), created: other tests
+    write frames, good and bad, to the default ones. Returns (settings, endpoints)."""
+    from streamvqa.infra.provision import ensure_topics
+
+    tag = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    topics = settings.topics.model_copy(update={role: f"{tag}.{role}" for role in settings.topics.names()})
+    settings = settings.model_copy(update={"topics": topics})
+    endpoints = connect.resolve_endpoints(settings)
+    admin = connect.admin(settings, endpoints)
+    try:
+        ensure_topics(admin, topics)
+    finally:
+        admin.close()
+    return settings, endpoints
+
+
 def frame_bytes(stream_id: str, seq: int, size: int = 64) -> bytes:
     payload = b"\xff\xd8" + os.urandom(max(0, size - 4)) + b"\xff\xd9"
     return encode(Frame(stream_id=stream_id, seq=seq, pts_us=seq * 40_000, codec="jpeg",

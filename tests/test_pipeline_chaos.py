@@ -15,8 +15,6 @@ import uuid
 from collections import Counter
 
 import pytest
-from kafka import TopicPartition
-from streamvqa.infra.provision import ensure_topics
 from streamvqa.operators.io.exactly_once import snapshot_namespace
 from streamvqa.operators.io.records import OUTPUT_ID_HEADER
 from streamvqa.operators.io.snapshots import SnapshotStore
@@ -29,39 +27,20 @@ from streamvqa.ask import make_query, publish_query
 from streamvqa.demo import bad_messages, start_pipeline, stop_pipeline
 from streamvqa.demo_media import build_demo_media
 from streamvqa.produce import ProduceOptions, produce
+from tests.kafka_helpers import private_topics, read_all
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 KILLS = 10
 
 
 def _settings(base, tag: str):
-    topics = base.topics.model_copy(update={
-        n: f"chaos-{tag}.{n}" for n in ("frames", "audio", "queries", "answers", "dead_letter", "memory")})
-    pipeline = base.pipeline.model_copy(update={"hold_timeout_s": 900.0})  # release by watermarks only
-    settings = base.model_copy(update={"topics": topics, "pipeline": pipeline})
-    endpoints = connect.resolve_endpoints(settings)
-    admin = connect.admin(settings, endpoints)
-    try:
-        ensure_topics(admin, topics)
-    finally:
-        admin.close()
-    return settings, endpoints
+    """Topics of their own, questions released by the sources' watermarks only."""
+    pipeline = base.pipeline.model_copy(update={"hold_timeout_s": 900.0})
+    return private_topics(base.model_copy(update={"pipeline": pipeline}), f"chaos-{tag}")
 
 
 def _read(settings, endpoints, topic: str) -> list:
-    consumer = connect.consumer(settings, endpoints, group_id=None)
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(parts)
-        consumer.seek_to_beginning()
-        out, idle = [], 0
-        while idle < 4:
-            batch = consumer.poll(timeout_ms=300)
-            idle = 0 if batch else idle + 1
-            out += [m for ms in batch.values() for m in ms]
-        return out
-    finally:
-        consumer.close()
+    return read_all(settings, endpoints, topic, timeout_ms=1200)
 
 
 EPOCH_MS = 1_800_000_000_000  # both runs stamp the same wall times

@@ -6,63 +6,26 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 from collections import Counter
 
 import pytest
-from kafka import TopicPartition
 from rich.console import Console
-from streamvqa.infra.provision import ensure_topics
-from streamvqa.schemas import Answer, decode
 
-from streamvqa import connect
 from streamvqa.demo import run_demo
+from tests.kafka_helpers import private_topics, read_all
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-def _own_topics(settings):
-    """Topics of this test alone (other tests write frames, good and bad, to the default ones)."""
-    tag = uuid.uuid4().hex[:6]
-    topics = settings.topics.model_copy(update={
-        name: f"e2e-{tag}.{name}" for name in ("frames", "audio", "queries", "answers", "dead_letter", "memory")
-    })
-    settings = settings.model_copy(update={"topics": topics})
-    endpoints = connect.resolve_endpoints(settings)
-    admin = connect.admin(settings, endpoints)
-    try:
-        ensure_topics(admin, topics)
-    finally:
-        admin.close()
-    return settings, endpoints
-
-
-def _all_answers(settings, endpoints) -> list[Answer]:
-    consumer = connect.consumer(settings, endpoints, group_id=None)
-    try:
-        topic = settings.topics.answers
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-        consumer.assign(parts)
-        consumer.seek_to_beginning()
-        out, idle = [], 0
-        while idle < 5:
-            batch = consumer.poll(timeout_ms=400)
-            idle = 0 if batch else idle + 1
-            out += [decode(m.value, Answer) for ms in batch.values() for m in ms]
-        return out
-    finally:
-        consumer.close()
-
-
 def test_stream_questions_answers_and_dead_letters(stack_settings, tmp_path) -> None:
-    settings, endpoints = _own_topics(stack_settings)
+    settings, endpoints = private_topics(stack_settings, "e2e")
     out = io.StringIO()
     result = run_demo(settings, speed=None, scene_s=15.0, fps=1.0, report_dir=tmp_path / "report",
                       answer_timeout_s=400, console=Console(file=out, width=200))
     media = result.media
     # every question answered, exactly once (on the topic too, not only as the demo saw it)
     assert sorted(result.answers) == list(range(len(media.questions)))
-    on_topic = Counter(a.query_id for a in _all_answers(settings, endpoints))
+    on_topic = Counter(m.key.decode() for m in read_all(settings, endpoints, settings.topics.answers))
     assert sorted(on_topic) == sorted(f"{result.stream_id}-q{i + 1}" for i in range(len(media.questions)))
     assert set(on_topic.values()) == {1}
     # evidence inside the right utterance or scene, best span first
