@@ -102,7 +102,8 @@ class MemoryState:
     hashes: list[str] = field(default_factory=list)
     # text waiting for both sources to pass it: (start_us, kind, seq, text, start_us, end_us)
     pending: list[tuple[int, int, int, str, int, int]] = field(default_factory=list)
-    features: np.ndarray | None = None  # (frames, D) float16
+    # (capacity, D) float16, rows [0, len(seqs)) used: grown by doubling, not copied every frame
+    features: np.ndarray | None = None
     held: list[Held] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
     utterances: int = 0
@@ -167,7 +168,7 @@ class MemoryStage:
                 self.objects.put(key, blob)
                 state.kv_saved = (state.kv_version, key)
             kv_key = state.kv_saved[1]
-        feats = b"" if state.features is None else state.features.astype("<f2").tobytes()
+        feats = b"" if state.features is None else state.features[: len(state.seqs)].astype("<f2").tobytes()
         head = {
             "stream_id": state.stream_id,
             "kv_key": kv_key,
@@ -260,13 +261,18 @@ class MemoryStage:
     def _visual(self, state: MemoryState, n: VisualNote) -> None:
         if n.seq <= state.last_frame_seq:
             return
-        state.last_frame_seq = n.seq
-        state.frames_wall_us = max(state.frames_wall_us, n.wall_us)
         vec = np.asarray(n.feature, np.float32)
         vec = (vec / max(float(np.linalg.norm(vec)), 1e-12)).astype(np.float16)[None]
         if state.features is not None and state.features.shape[1] != vec.shape[1]:
             raise WrongRecordType(f"feature of width {vec.shape[1]}, the stream's are {state.features.shape[1]}")
-        state.features = vec if state.features is None else np.concatenate([state.features, vec])
+        state.last_frame_seq = n.seq
+        state.frames_wall_us = max(state.frames_wall_us, n.wall_us)
+        used = len(state.seqs)
+        if state.features is None:
+            state.features = np.empty((64, vec.shape[1]), np.float16)
+        elif used == len(state.features):
+            state.features = np.concatenate([state.features, np.empty_like(state.features)])
+        state.features[used] = vec[0]
         state.seqs.append(n.seq)
         state.pts.append(n.pts_us)
         state.tiers.append(n.tier)
