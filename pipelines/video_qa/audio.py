@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 from streamvqa.operators.audio import SpeechToText, VadState
 from streamvqa.operators.io.records import KafkaRecord, Output
-from streamvqa.schemas import AudioChunk, Limits, SpeechNote, decode
+from streamvqa.schemas import AudioChunk, Limits, SpeechNote
 from streamvqa.schemas.errors import InvalidField
 
-from .common import note, wall_us
+from .common import decode_keyed, note, wall_us
 
 _STATE = b"streamvqa.audio-stage/1"
 
@@ -61,9 +61,7 @@ class AudioStage:
         return AudioStageState(vad, head["last_seq"], head["marked_us"], head["utterances"])
 
     def process(self, state: AudioStageState, record: KafkaRecord) -> tuple[AudioStageState, list[Output]]:
-        chunk = decode(record.value, AudioChunk, self.limits)  # SchemaError -> dead letter
-        if chunk.stream_id.encode() != record.key:
-            raise InvalidField(f"record key {record.key!r} is not the chunk's stream id", "stream_id")
+        chunk = decode_keyed(record, AudioChunk, self.limits)  # SchemaError -> dead letter
         if chunk.seq <= state.last_seq:
             return state, []
         t0 = time.perf_counter()

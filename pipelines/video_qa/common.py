@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from streamvqa.operators.io.records import OUTPUT_ID_HEADER, KafkaRecord, Output
-from streamvqa.schemas import Limits, encode
+from streamvqa.schemas import InvalidField, Limits, decode, encode
 from streamvqa.schemas.records import Record
 
 from streamvqa.settings import Settings
@@ -19,6 +19,15 @@ def limits_from(settings: Settings) -> Limits:
         max_height=settings.limits.max_frame_side,
         max_text_chars=settings.limits.max_query_chars,
     )
+
+
+def decode_keyed(record: KafkaRecord, record_type, limits: Limits):
+    """The record of an input topic, decoded (SchemaError -> dead letter) and checked to be of the
+    stream its Kafka key names: a message cannot reach another stream's state."""
+    item = decode(record.value, record_type, limits)
+    if item.stream_id.encode() != record.key:
+        raise InvalidField(f"record key {record.key!r} is not the {record_type.__name__}'s stream id", "stream_id")
+    return item
 
 
 def wall_us(record: KafkaRecord) -> int:

@@ -23,13 +23,13 @@ from streamvqa.operators.curvature.operator import CurveStream, CurveStreamConfi
 from streamvqa.operators.curvature.records import FrameInput
 from streamvqa.operators.io.records import KafkaRecord, Output
 from streamvqa.operators.vision.stc_prune import STCPruneConfig, STCPruner, STCPruneState
-from streamvqa.schemas import Frame, Limits, VisualNote, decode
+from streamvqa.schemas import Frame, Limits, VisualNote
 from streamvqa.schemas.errors import InvalidField
 
 from streamvqa.media import encode_jpeg
 from streamvqa.storage.keys import content_hash, object_key
 
-from .common import note, wall_us
+from .common import decode_keyed, note, wall_us
 
 _STATE = b"streamvqa.frame-stage/1"
 
@@ -136,9 +136,7 @@ class FrameStage:
 
     # -- processing --------------------------------------------------------------
     def process(self, state: FrameStageState, record: KafkaRecord) -> tuple[FrameStageState, list[Output]]:
-        frame = decode(record.value, Frame, self.limits)  # SchemaError -> dead letter
-        if frame.stream_id.encode() != record.key:
-            raise InvalidField(f"record key {record.key!r} is not the frame's stream id", "stream_id")
+        frame = decode_keyed(record, Frame, self.limits)  # SchemaError -> dead letter
         pixels = pixels_of(frame)  # a corrupt frame is a dead letter, even with a seq already seen
         if frame.seq <= state.last_seq:
             return state, []  # a duplicate, or late: the stream has moved on

@@ -8,10 +8,9 @@ import json
 from dataclasses import dataclass, field
 
 from streamvqa.operators.io.records import KafkaRecord, Output
-from streamvqa.schemas import Limits, Query, decode
-from streamvqa.schemas.errors import InvalidField
+from streamvqa.schemas import Limits, Query
 
-from .common import note
+from .common import decode_keyed, note
 from .frames import decode_image
 
 
@@ -31,9 +30,7 @@ class QueryStage:
         return json.loads(data)
 
     def process(self, state: dict, record: KafkaRecord) -> tuple[dict, list[Output]]:
-        query = decode(record.value, Query, self.limits)  # SchemaError -> dead letter
-        if query.stream_id.encode() != record.key:
-            raise InvalidField(f"record key {record.key!r} is not the query's stream id", "stream_id")
+        query = decode_keyed(record, Query, self.limits)  # SchemaError -> dead letter
         if query.image is not None:
             decode_image(query.image, "image")  # an example image that does not decode: dead letter
         out = note(self.memory_topic, f"q/{query.query_id}", record.value, record)
