@@ -227,6 +227,16 @@ class PipelineSettings(BaseModel):
     image_match_threshold: float = Field(default=0.6, ge=-1, le=1)
     heartbeat_s: float = Field(default=0.5, gt=0)
     commit_interval_s: float = Field(default=1.0, gt=0)
+    # every model call (encoder, VAD + ASR, the answer): a deadline, then retries with backoff;
+    # when they run out the record is dead-lettered as model_failed (docs/reliability.md)
+    model_timeout_s: float = Field(default=60.0, gt=0)
+    model_attempts: int = Field(default=3, ge=1)
+    model_backoff_s: float = Field(default=0.2, ge=0)
+
+    def call_policy(self):
+        from streamvqa.operators.model_guard import CallPolicy
+
+        return CallPolicy(timeout_s=self.model_timeout_s, attempts=self.model_attempts, backoff_s=self.model_backoff_s)
 
 
 class Settings(BaseSettings):

@@ -58,3 +58,23 @@ def read_all(settings, endpoints, topic: str, timeout_ms: int = 3000) -> list:
         return list(consumer)
     finally:
         consumer.close()
+
+
+def partition_task(settings, endpoints, topic: str, outputs: list[str], group: str, processor, *,
+                   max_failures: int = 3):
+    """(PartitionTask over partition 0 of ``topic``, its producer): committing after every record,
+    its ledger recovered from ``outputs`` and the dead-letter topic. Close the producer after."""
+    from kafka import KafkaConsumer
+    from streamvqa.operators.io.exactly_once import PartitionTask, snapshot_namespace
+    from streamvqa.operators.io.kafka_sink import OffsetCommitter, OutputProducer
+    from streamvqa.operators.io.snapshots import SnapshotStore
+
+    store = connect.object_store(settings, endpoints)
+    producer = OutputProducer(connect.producer(settings, endpoints))
+    committer = OffsetCommitter(KafkaConsumer(**connect.kafka_config(settings, endpoints), group_id=group))
+    task = PartitionTask(topic, 0, processor, SnapshotStore(store, snapshot_namespace(group, processor.name)), store,
+                         group, producer, committer, settings.topics.dead_letter, commit_every=1,
+                         commit_interval_s=1e9, max_failures=max_failures)
+    task.recover_ledger(lambda: connect.consumer(settings, endpoints, group_id=None, fetch_max_wait_ms=20),
+                        [*outputs, settings.topics.dead_letter])
+    return task, producer

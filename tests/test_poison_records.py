@@ -6,16 +6,12 @@ partition goes on. Infrastructure errors (object store, broker, network) are nev
 from __future__ import annotations
 
 import pytest
-from kafka import KafkaConsumer
-from streamvqa.operators.io.exactly_once import PartitionTask, is_outage, snapshot_namespace
-from streamvqa.operators.io.kafka_sink import OffsetCommitter, OutputProducer
+from streamvqa.operators.io.exactly_once import is_outage
 from streamvqa.operators.io.records import KafkaRecord
-from streamvqa.operators.io.snapshots import SnapshotStore
 from streamvqa.pipelines.passthrough import PassThroughProcessor
 from streamvqa.schemas import DeadLetter, Frame, decode
 
-from streamvqa import connect
-from tests.kafka_helpers import frame_bytes, new_topics, read_all
+from tests.kafka_helpers import frame_bytes, new_topics, partition_task, read_all
 
 pytestmark = pytest.mark.stack
 
@@ -33,16 +29,8 @@ class FailsOnSeq(PassThroughProcessor):
         return super().process(state, record)
 
 
-def _task(settings, endpoints, topic, out, group, processor) -> tuple[PartitionTask, OutputProducer]:
-    store = connect.object_store(settings, endpoints)
-    producer = OutputProducer(connect.producer(settings, endpoints))
-    committer = OffsetCommitter(KafkaConsumer(**connect.kafka_config(settings, endpoints), group_id=group))
-    task = PartitionTask(topic, 0, processor, SnapshotStore(store, snapshot_namespace(group, processor.name)), store,
-                         group, producer, committer, settings.topics.dead_letter, commit_every=1,
-                         commit_interval_s=1e9, max_failures=3)
-    task.recover_ledger(lambda: connect.consumer(settings, endpoints, group_id=None, fetch_max_wait_ms=20),
-                        [out, settings.topics.dead_letter])
-    return task, producer
+def _task(settings, endpoints, topic, out, group, processor):
+    return partition_task(settings, endpoints, topic, [out], group, processor)
 
 
 def test_a_poison_record_is_dead_lettered_after_three_failed_runs(stack_settings, endpoints) -> None:

@@ -7,12 +7,12 @@ import torch
 VOCAB = 96
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, vocab: int = VOCAB):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=3,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from streamvqa.operators.audio import SpeechToText, VadState
 from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.model_guard import CallPolicy, ModelGuard
 from streamvqa.schemas import AudioChunk, Limits, SpeechNote
 from streamvqa.schemas.errors import InvalidField
 
@@ -43,7 +44,11 @@ class AudioStage:
     memory_topic: str
     progress_us: int = 2_000_000
     limits: Limits = field(default_factory=Limits)
+    calls: CallPolicy = field(default_factory=CallPolicy)
     name: str = "audio"
+
+    def __post_init__(self) -> None:
+        self.guard = ModelGuard("speech", self.calls)
 
     def initial_state(self, stream_id: str) -> AudioStageState:
         return AudioStageState(self.speech.initial_state(stream_id))
@@ -65,10 +70,14 @@ class AudioStage:
         if chunk.seq <= state.last_seq:
             return state, []
         t0 = time.perf_counter()
-        try:
-            transcripts, vad = self.speech.process_chunk(state.vad, chunk)
-        except ValueError as err:  # e.g. a sample rate the VAD cannot take
-            raise InvalidField(str(err), "payload") from err
+
+        def hear():
+            try:
+                return self.speech.process_chunk(state.vad, chunk)  # pure: the VAD state is explicit
+            except ValueError as err:  # e.g. a sample rate the VAD cannot take: a bad record
+                raise InvalidField(str(err), "payload") from err
+
+        transcripts, vad = self.guard.call(hear, what=f"audio chunk {chunk.seq} of {chunk.stream_id}")
         asr_ms = (time.perf_counter() - t0) * 1000
         state = AudioStageState(vad, chunk.seq, state.marked_us, state.utterances)
         wall = wall_us(record) + _duration_us(chunk)  # the chunk has been heard to its end

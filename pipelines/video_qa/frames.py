@@ -22,6 +22,7 @@ import torch
 from streamvqa.operators.curvature.operator import CurveStream, CurveStreamConfig, CurveStreamState
 from streamvqa.operators.curvature.records import FrameInput
 from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGuard
 from streamvqa.operators.vision.stc_prune import STCPruneConfig, STCPruner, STCPruneState
 from streamvqa.schemas import Frame, Limits, VisualNote
 from streamvqa.schemas.errors import InvalidField
@@ -100,9 +101,11 @@ class FrameStage:
     curvature: CurveStreamConfig = field(default_factory=CurveStreamConfig)
     pruning: STCPruneConfig = field(default_factory=STCPruneConfig)
     limits: Limits = field(default_factory=Limits)
+    calls: CallPolicy = field(default_factory=CallPolicy)
     name: str = "frames"
 
     def __post_init__(self) -> None:
+        self.guard = ModelGuard("encoder", self.calls)
         grid = tuple(self.encoder.grid)
         if self.curvature.grid != grid:
             self.curvature = CurveStreamConfig(
@@ -141,9 +144,14 @@ class FrameStage:
         if frame.seq <= state.last_seq:
             return state, []  # a duplicate, or late: the stream has moved on
         t0 = time.perf_counter()
-        if self._per_stream:
-            self._sync_cache(frame.stream_id, state)
-        encoded = self._encode(frame.stream_id, pixels)
+        try:
+            encoded = self.guard.call(
+                lambda: self._encode(frame.stream_id, pixels, state), what=f"frame {frame.seq} of {frame.stream_id}",
+                rollback=(lambda: self._rebuild_cache(frame.stream_id, state)) if self._per_stream else None,
+            )
+        except ModelCallFailed:
+            state.restored = True  # the failed calls may have changed the stream's cache: rebuild it
+            raise  # the frame is dead-lettered; the stream goes on as if it had not come
         encode_ms = (time.perf_counter() - t0) * 1000
         stats = getattr(self.encoder, "last_stats", None) or []
         cached = float(stats[-1].skipped_fraction) if stats else 0.0
@@ -200,6 +208,12 @@ class FrameStage:
         self.encoder.set_state(stream_id, self.encoder.reference_state(
             pixels_of(ref), frames=frames, since_reference=since, references=refs))
 
+    def _rebuild_cache(self, stream_id: str, state: FrameStageState) -> None:
+        """Before a retried encode: the stream's cache as the state says (a failed call may have
+        moved it on)."""
+        state.restored = True
+        self._sync_cache(stream_id, state)
+
     def _note_cache(self, frame: Frame, state: FrameStageState, reference: bool) -> None:
         if reference and self.store is not None:
             key = object_key(frame.stream_id, "stc-reference", f"{frame.seq:010d}", frame.payload)
@@ -208,9 +222,10 @@ class FrameStage:
         st = self.encoder.state(frame.stream_id)
         state.stc_counters = (st.frames, st.since_reference, st.references)
 
-    def _encode(self, stream_id: str, pixels: np.ndarray):
+    def _encode(self, stream_id: str, pixels: np.ndarray, state: FrameStageState):
         with torch.inference_mode():
             if self._per_stream:  # an STC-cached encoder: the stream's reference cache
+                self._sync_cache(stream_id, state)
                 return self.encoder.encode(pixels[None], stream_id=stream_id)
             return self.encoder.encode(pixels[None])
 

@@ -124,6 +124,7 @@ class StageFactories:
             build_encoder(self.settings), self.settings.topics.memory,
             store=self._objects() if p.keyframes else None,
             curvature=CurveStreamConfig(budget_tokens=p.budget_tokens), limits=limits_from(self.settings),
+            calls=p.call_policy(),
         )
 
     def audio(self):
@@ -133,7 +134,7 @@ class StageFactories:
 
         p = self.settings.pipeline
         return AudioStage(SpeechToText(), self.settings.topics.memory, progress_us=int(p.audio_progress_s * 1e6),
-                          limits=limits_from(self.settings))
+                          limits=limits_from(self.settings), calls=p.call_policy())
 
     def queries(self):
         from .queries import QueryStage
@@ -149,7 +150,7 @@ class StageFactories:
             lambda: load_memory_models(settings), settings.topics.answers, objects=self._objects(),
             config=MemoryStageConfig(hold_timeout_us=int(p.hold_timeout_s * 1e6),
                                      image_match_threshold=p.image_match_threshold, expect_audio=p.speech),
-            limits=limits_from(settings),
+            limits=limits_from(settings), calls=p.call_policy(), dead_letter_topic=settings.topics.dead_letter,
         )
 
     def by_topic(self) -> dict:
