@@ -16,7 +16,17 @@ import pytest
 from streamvqa.operators.io.exactly_once import is_outage
 from streamvqa.operators.io.records import KafkaRecord
 from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGuard, ModelWedged
-from streamvqa.schemas import Answer, DeadLetter, Frame, InvalidField, Query, SpeechNote, VisualNote, decode, encode
+from streamvqa.schemas import (
+    Answer,
+    DeadLetter,
+    Frame,
+    InvalidField,
+    Query,
+    SpeechNote,
+    VisualNote,
+    decode,
+    encode,
+)
 
 from tests.kafka_helpers import new_topics, partition_task, read_all
 
@@ -234,7 +244,7 @@ def test_an_answer_the_model_keeps_failing_is_reported_and_dead_lettered(stack_s
         "lm_path": path, "text_features": False, "max_new_tokens": 2, "speech": False,
         "model_timeout_s": 5.0, "model_backoff_s": 0.05})})
     stage = StageFactories(settings).memory()
-    memory, image_encoder = stage.models
+    memory = stage.memory
     answer = memory.answer
     asked = []
 
