@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from streamvqa.operators.io.records import KafkaRecord, Output
 from streamvqa.operators.kv import BlockMismatch
+from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGuard
 from streamvqa.schemas import (
     Answer,
     EvidenceSpan,
@@ -47,6 +48,7 @@ from streamvqa.schemas import (
     decode,
     decode_any,
     encode,
+    make_dead_letter,
 )
 from streamvqa.schemas.errors import WrongRecordType
 
@@ -55,6 +57,9 @@ from streamvqa.storage.keys import content_hash, stream_prefix
 from .common import now_us, wall_us
 
 _STATE = b"streamvqa.memory-stage/1"
+_CHUNK = b"streamvqa.visual-index/1"
+INDEX_CHUNK_FRAMES = 512  # the visual index is snapshotted in sealed, content-addressed chunks of this many frames
+_COLUMNS = ("seqs", "pts", "tiers", "scores", "tokens", "hashes")
 SYSTEM_ID = "streamvqa"
 KEEP_ANSWERED = 1024  # ids of answered questions remembered per stream (duplicates answered once)
 
@@ -79,6 +84,7 @@ class Held:
     query_id: str
     asked_at_us: int
     received_us: int  # wall clock when it reached the memory topic
+    source: tuple[str, int, int] = ("", -1, -1)  # (topic, partition, offset) of its memory-topic record
 
 
 @dataclass
@@ -107,6 +113,9 @@ class MemoryState:
     held: list[Held] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
     utterances: int = 0
+    # object keys of the visual index's sealed chunks (rows [i * INDEX_CHUNK_FRAMES, ...)): a
+    # snapshot names them and carries only the open tail, so its size stays flat over a long run
+    index_chunks: list[str] = field(default_factory=list)
 
     @property
     def seen(self) -> bool:
@@ -131,6 +140,8 @@ class MemoryStage:
         objects=None,
         config: MemoryStageConfig | None = None,
         limits: Limits | None = None,
+        calls: CallPolicy | None = None,
+        dead_letter_topic: str | None = None,
     ) -> None:
         self._load = load
         self._models: tuple[object, object] | None = None
@@ -138,6 +149,11 @@ class MemoryStage:
         self.objects = objects
         self.config = config or MemoryStageConfig()
         self.limits = limits or Limits()
+        self.dead_letter_topic = dead_letter_topic
+        # the answer calls; prefills are not retried in place (a failed one may have changed the
+        # KV memory half-way): they fail the run, which restarts from the committed state
+        self.lm_guard = ModelGuard("language-model", calls)
+        self.image_guard = ModelGuard("image-encoder", calls)
 
     @property
     def memory(self):
@@ -168,7 +184,9 @@ class MemoryStage:
                 self.objects.put(key, blob)
                 state.kv_saved = (state.kv_version, key)
             kv_key = state.kv_saved[1]
-        feats = b"" if state.features is None else state.features[: len(state.seqs)].astype("<f2").tobytes()
+        self._seal_index_chunks(state)
+        sealed = len(state.index_chunks) * INDEX_CHUNK_FRAMES
+        head_columns, feats = _index_rows(state, sealed, len(state.seqs))
         head = {
             "stream_id": state.stream_id,
             "kv_key": kv_key,
@@ -180,16 +198,13 @@ class MemoryStage:
             "last_scene_note_us": state.last_scene_note_us,
             "frame_pts_us": state.frame_pts_us,
             "offset_us": state.offset_us,
-            "seqs": state.seqs,
-            "pts": state.pts,
-            "tiers": state.tiers,
-            "scores": state.scores,
-            "tokens": state.tokens,
-            "hashes": state.hashes,
+            **head_columns,
+            "index_chunks": state.index_chunks,
             "pending": state.pending,
             "dim": 0 if state.features is None else int(state.features.shape[1]),
             "held": [
-                [base64.b64encode(h.data).decode(), h.query_id, h.asked_at_us, h.received_us] for h in state.held
+                [base64.b64encode(h.data).decode(), h.query_id, h.asked_at_us, h.received_us, list(h.source)]
+                for h in state.held
             ],
             "answered": state.answered,
             "utterances": state.utterances,
@@ -217,13 +232,44 @@ class MemoryStage:
             state.kv_version = head["kv_version"]
             state.kv_saved = (state.kv_version, head["kv_key"])
         for name in ("frames_wall_us", "audio_wall_us", "last_frame_seq", "heard_us", "last_scene_note_us",
-                     "frame_pts_us", "offset_us", "seqs", "pts", "tiers", "scores", "tokens", "hashes", "answered", "utterances"):
+                     "frame_pts_us", "offset_us", "answered", "utterances"):
             setattr(state, name, head[name])
         state.pending = [tuple(p) for p in head["pending"]]
+        state.index_chunks = list(head.get("index_chunks", []))
+        parts = [self._read_index_chunk(state.stream_id, key) for key in state.index_chunks]
+        parts.append(({c: head[c] for c in _COLUMNS}, feats))
+        for c in _COLUMNS:
+            setattr(state, c, [x for columns, _ in parts for x in columns[c]])
         if head["dim"]:
-            state.features = np.frombuffer(feats, "<f2").reshape(-1, head["dim"]).copy()
-        state.held = [Held(base64.b64decode(d), q, a, r) for d, q, a, r in head["held"]]
+            state.features = np.frombuffer(b"".join(f for _, f in parts), "<f2").reshape(-1, head["dim"]).copy()
+        state.held = [Held(base64.b64decode(d), q, a, r, tuple(rest[0]) if rest else ("", -1, -1))
+                      for d, q, a, r, *rest in head["held"]]
         return state
+
+    def _seal_index_chunks(self, state: MemoryState) -> None:
+        """Write every full chunk of the visual index not written yet (content-addressed: a replay
+        writes the same key again, harmlessly)."""
+        while (len(state.index_chunks) + 1) * INDEX_CHUNK_FRAMES <= len(state.seqs):
+            if self.objects is None:
+                raise RuntimeError("the memory stage needs an object store to snapshot a long visual index")
+            lo = len(state.index_chunks) * INDEX_CHUNK_FRAMES
+            columns, feats = _index_rows(state, lo, lo + INDEX_CHUNK_FRAMES)
+            raw = json.dumps(columns, sort_keys=True).encode()
+            blob = _CHUNK + struct.pack("<I", len(raw)) + raw + feats
+            key = f"{stream_prefix(state.stream_id)}memory/visual-index/{content_hash(blob)[:32]}"
+            self.objects.put(key, blob)
+            state.index_chunks.append(key)
+
+    def _read_index_chunk(self, stream_id: str, key: str) -> tuple[dict, bytes]:
+        """A sealed chunk, verified: its key is under the stream's prefix and names its content."""
+        if not key.startswith(f"{stream_prefix(stream_id)}memory/visual-index/"):
+            raise BlockMismatch(f"the state of stream {stream_id!r} names {key!r}")
+        blob = self.objects.get(key)
+        if not blob.startswith(_CHUNK) or content_hash(blob)[:32] != key.rsplit("/", 1)[-1]:
+            raise BlockMismatch(f"visual index chunk {key!r} does not match its content hash")
+        at = len(_CHUNK)
+        (n,) = struct.unpack_from("<I", blob, at)
+        return json.loads(blob[at + 4 : at + 4 + n]), blob[at + 4 + n :]
 
     # -- processing --------------------------------------------------------------
     def process(self, state: MemoryState, record: KafkaRecord) -> tuple[MemoryState, list[Output]]:
@@ -236,7 +282,8 @@ class MemoryStage:
             self._speech(state, item)
         elif isinstance(item, Query):
             if item.query_id not in state.answered and all(h.query_id != item.query_id for h in state.held):
-                state.held.append(Held(record.value, item.query_id, item.asked_at_us, wall_us(record)))
+                state.held.append(Held(record.value, item.query_id, item.asked_at_us, wall_us(record),
+                                       (record.topic, record.partition, record.offset)))
         else:
             raise WrongRecordType(f"the memory topic carries notes and queries, not a {type(item).__name__}")
         self._flush(state)
@@ -364,7 +411,11 @@ class MemoryStage:
                     self._flush(state, everything=True)
                 else:  # exactly the text up to the question's time
                     self._flush(state, upto=at)
-                answer = self._answer(state, h, at)
+                try:
+                    answer = self._answer(state, h, at)
+                except ModelCallFailed as err:  # retried already: the asker is told, the question dead-lettered
+                    answer = self._failed(state, h, err)
+                    outputs += self._dead_letter(state, h, err)
                 outputs.append(Output(self.answers_topic, h.query_id.encode(), encode(answer),
                                       partition_key=state.stream_id.encode()))
                 state.answered = [*state.answered, h.query_id][-KEEP_ANSWERED:]
@@ -397,6 +448,23 @@ class MemoryStage:
             latency=(*latency, StageLatency(stage="total", ms=total)),
         )
 
+    def _failed(self, state: MemoryState, h: Held, err: ModelCallFailed) -> Answer:
+        wait = max(0.0, (now_us() - h.received_us) / 1000)
+        return Answer(
+            query_id=h.query_id, stream_id=state.stream_id, model_id=SYSTEM_ID, answered_at_us=now_us(),
+            text=f"This question could not be answered: {err}",
+            latency=(StageLatency(stage="wait", ms=wait), StageLatency(stage="total", ms=wait)),
+        )
+
+    def _dead_letter(self, state: MemoryState, h: Held, err: ModelCallFailed) -> list[Output]:
+        if self.dead_letter_topic is None:
+            return []
+        topic, partition, offset = h.source
+        letter = make_dead_letter(err, source_topic=topic, source_partition=partition, source_offset=offset,
+                                  payload=h.data, key=state.stream_id.encode(), limits=self.limits)
+        return [Output(self.dead_letter_topic, f"question/{h.query_id}".encode(), encode(letter),
+                       partition_key=state.stream_id.encode())]
+
     def _text_answer(self, state: MemoryState, query: Query):
         memory = self.memory
         question = query.text
@@ -406,7 +474,7 @@ class MemoryStage:
         # too) and its evidence names the blocks it was answered from.
         memory.spill(state.kv, keep_tokens=0)
         state.kv_version += 1
-        answer = memory.answer(state.kv, question)
+        answer = self.lm_guard.call(lambda: memory.answer(state.kv, question), what=f"question {query.query_id}")
         spans = sorted(answer.evidence, key=lambda e: -e.score)
         evidence = [EvidenceSpan(start_us=e.start_us, end_us=e.end_us, score=float(e.score)) for e in spans]
         t = answer.timings_ms
@@ -428,8 +496,12 @@ class MemoryStage:
             pixels = decode_image(query.image, "image")
         except SchemaError as err:  # the query stage checks this; a crafted memory-topic message may not be
             return f"The example image could not be used: {err}", [], SYSTEM_ID, {}
-        with torch.inference_mode():
-            vec = encoder.encode(pixels[None]).pooled[0].float().cpu().numpy()
+
+        def encode_image():
+            with torch.inference_mode():
+                return encoder.encode(pixels[None]).pooled[0].float().cpu().numpy()
+
+        vec = self.image_guard.call(encode_image, what=f"the image of question {query.query_id}")
         t1 = time.perf_counter()
         name = getattr(encoder, "name", "vision-encoder")
         if state.features is None:
@@ -491,6 +563,13 @@ def manifest_of(state: MemoryState, store=None) -> MemoryManifest:
                                           + sum(s.num_tokens for s in kv.index) if kv is not None else 0),
         frames=frames, kv_blocks=tuple(blocks),
     )
+
+
+def _index_rows(state: MemoryState, lo: int, hi: int) -> tuple[dict, bytes]:
+    """Rows [lo, hi) of the visual index: its columns, and its features as float16 bytes."""
+    columns = {c: getattr(state, c)[lo:hi] for c in _COLUMNS}
+    feats = b"" if state.features is None else state.features[lo:hi].astype("<f2").tobytes()
+    return columns, feats
 
 
 def state_from_snapshot(data: bytes, objects, kv_store) -> MemoryState:
