@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -70,17 +70,23 @@ class ModelGuard:
             from streamvqa.operators.io.exactly_once import is_outage
         self.name, self.policy, self.is_outage = name, policy or CallPolicy(), is_outage
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         self.failures = 0  # attempts that raised or overran, over the guard's life
         self.abandoned = 0  # attempts that overran
 
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            # a few threads: a new attempt can start while an abandoned one still runs (it then
-            # waits for the model's lock); none is ever busy for long otherwise
-            self._pool = ThreadPoolExecutor(max_workers=self.policy.attempts + 1,
-                                            thread_name_prefix=f"model-{self.name}")
-        return self._pool
+    def _start(self, *args) -> Future:
+        """``_attempt(*args)`` in a daemon thread of its own: an abandoned call must not keep the
+        process from exiting (a pool's workers are joined at exit)."""
+        future: Future = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._attempt(*args))
+                except BaseException as err:  # handed to the caller
+                    future.set_exception(err)
+
+        threading.Thread(target=run, name=f"model-{self.name}", daemon=True).start()
+        return future
 
     def call(self, fn: Callable[[], Any], *, rollback: Callable[[], None] | None = None,
              what: str = "") -> Any:
@@ -92,8 +98,7 @@ class ModelGuard:
             if attempt > 1:
                 time.sleep(policy.backoff_s * 2 ** (attempt - 2))
             got_model, given_up = threading.Event(), threading.Event()
-            future = self._executor().submit(self._attempt, fn, rollback if attempt > 1 else None,
-                                             got_model, given_up)
+            future = self._start(fn, rollback if attempt > 1 else None, got_model, given_up)
             deadline = time.monotonic() + policy.timeout_s
             if not got_model.wait(policy.timeout_s):
                 given_up.set()  # if the model comes back later, this attempt does not run
@@ -133,8 +138,3 @@ class ModelGuard:
             return fn()
         finally:
             self._lock.release()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None

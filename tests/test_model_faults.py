@@ -95,6 +95,8 @@ def test_a_call_that_never_returns_wedges_the_model() -> None:
     try:
         with pytest.raises(ModelWedged, match="abandoned call has held the model"):
             guard.call(fn)
+        hung = [t for t in threading.enumerate() if t.name == "model-m" and t.is_alive()]
+        assert hung and all(t.daemon for t in hung)  # the process can still exit
     finally:
         release.set()
     time.sleep(0.3)
