@@ -258,6 +258,8 @@ def test_pipeline_settings_reach_the_pods(monkeypatch):
         "maxNewTokens": 48,
         "holdTimeoutS": 2.5,
         "speech": False,
+        "modelTimeoutS": 120.5,
+        "modelAttempts": 2,
     }
     assert set(custom) == set(chart_settings), "give every values key a non-default value here"
     sets = {

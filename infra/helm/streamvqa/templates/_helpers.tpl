@@ -89,6 +89,10 @@ Beam SDK workers, so both build the same Settings object.
   value: {{ .Values.pipeline.settings.holdTimeoutS | quote }}
 - name: STREAMVQA_PIPELINE__SPEECH
   value: {{ .Values.pipeline.settings.speech | quote }}
+- name: STREAMVQA_PIPELINE__MODEL_TIMEOUT_S
+  value: {{ .Values.pipeline.settings.modelTimeoutS | quote }}
+- name: STREAMVQA_PIPELINE__MODEL_ATTEMPTS
+  value: {{ .Values.pipeline.settings.modelAttempts | quote }}
 - name: STREAMVQA_RUNNER__NAME
   value: "PortableRunner"
 - name: STREAMVQA_RUNNER__JOB_ENDPOINT
