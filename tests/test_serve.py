@@ -135,6 +135,21 @@ def test_lm_stage_applies_a_retried_prefill_once(tiny_lm_path) -> None:
     assert stage.open(stream, tokens(4, 0), reset=True)["opened"]
 
 
+def test_encoder_stage_answers_a_repeated_call_the_same() -> None:
+    """A client that timed out and retried while its first call ran sends the call twice: the
+    second gets the first's result, and the stream's cache does not move on twice."""
+    stage, ref = EncoderStage(enc_config()), EncoderStage(enc_config())
+    stream, f = new_stream(), frames(9, 2)
+    stage.encode(stream, f[:4], 0)
+    first = stage.encode(stream, f[4:7], 4)
+    again = stage.encode(stream, f[4:7], 4)
+    np.testing.assert_array_equal(first["patch_tokens"], again["patch_tokens"])
+    assert stage.encoder.state(stream).frames == 7
+    last = stage.encode(stream, f[7:], 7)
+    want = [ref.encode("ref", f[:4], 0), ref.encode("ref", f[4:7], 4), ref.encode("ref", f[7:], 7)][-1]
+    np.testing.assert_array_equal(last["patch_tokens"], want["patch_tokens"])
+
+
 class _DeadResponse:
     def result(self, timeout_s=None):
         import ray.exceptions
