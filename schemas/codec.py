@@ -789,6 +789,10 @@ def _validate_speech_note(r: SpeechNote, limits: Limits) -> None:
     _finite(r.avg_logprob, "avg_logprob")
     _finite(r.asr_ms, "asr_ms")
     _between(r.asr_ms, "asr_ms", 0)
+    if r.open_since_us is not None:
+        if r.text:
+            raise InvalidField("open_since_us is for progress marks (blank text) only", "open_since_us")
+        _span(r.open_since_us, r.end_us, "open_since_us")
 
 
 _NOTE_TIERS = frozenset({"clear", "fuzzy"})

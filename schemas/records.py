@@ -418,8 +418,10 @@ class VisualNote:
 @_record
 class SpeechNote:
     """What was said in ``[start_us, end_us)`` of a stream (the internal ``memory`` topic).
-    Key: ``stream_id``. A blank ``text`` is a progress mark: no speech ended up to
-    ``end_us`` (it moves the memory stage's audio watermark during silence).
+    Key: ``stream_id``. A blank ``text`` is a progress mark: the audio has been heard up to
+    ``end_us`` and every utterance that ended by then has been noted. ``open_since_us`` (marks
+    only): an utterance is still going on since then (its transcript comes when it ends); None:
+    silence. Marks move the memory stage's audio watermark.
     ``wall_us`` is the Kafka timestamp of the audio chunk that completed it."""
 
     SCHEMA: ClassVar[pa.Schema] = _schema(
@@ -432,6 +434,7 @@ class SpeechNote:
         _req("text", pa.string()),
         _req("avg_logprob", pa.float64()),
         _req("asr_ms", pa.float64()),
+        _opt("open_since_us", pa.int64()),
     )
     VERSION: ClassVar[int] = CURRENT_VERSION
     ITEMS: ClassVar[dict[str, type]] = {}
@@ -444,6 +447,7 @@ class SpeechNote:
     text: str
     avg_logprob: float = 0.0
     asr_ms: float = 0.0
+    open_since_us: int | None = None
     schema_version: int = CURRENT_VERSION
 
     def message_key(self) -> bytes | None:

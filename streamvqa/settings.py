@@ -222,7 +222,7 @@ class PipelineSettings(BaseModel):
     budget_tokens: int = Field(default=16384, ge=256)  # CurveStream visual memory
     keyframes: bool = True  # clear frames' JPEGs to the object store
     speech: bool = True  # VAD + ASR on the audio topic
-    audio_progress_s: float = Field(default=2.0, gt=0)  # silence marks for the audio watermark
+    audio_progress_s: float = Field(default=1.0, gt=0)  # progress marks (the audio watermark) at least this often
     hold_timeout_s: float = Field(default=10.0, ge=0)  # a question waits at most this for its sources
     image_match_threshold: float = Field(default=0.6, ge=-1, le=1)
     heartbeat_s: float = Field(default=0.5, gt=0)

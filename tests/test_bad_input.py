@@ -112,6 +112,10 @@ def corpus() -> dict[str, list[tuple[str, bytes, str]]]:
                                                      reason="first", tokens=1, memory_tokens=1, cached_fraction=0.0,
                                                      feature=(0.0,), keyframe_key="", content_hash="ab",
                                                      encode_ms=0.0), feature=[float("nan")]), "invalid_field"),
+            ("a transcript claiming open speech", raw(SpeechNote(stream_id=SID, seq=0, start_us=0, end_us=2, wall_us=1,
+                                                                text="hi"), open_since_us=1), "invalid_field"),
+            ("a mark open after its end", raw(SpeechNote(stream_id=SID, seq=0, start_us=0, end_us=2, wall_us=1,
+                                                         text=""), open_since_us=3), "invalid_field"),
             ("not Arrow", b"\xff" * 64, "malformed"),
         ],
     }

@@ -114,6 +114,11 @@ def test_stages_answer_from_the_right_utterance_and_scene(stack_settings, media)
         query = Query(query_id=f"{sid}-q{i}", stream_id=sid, text=q.text, asked_at_us=epoch_ms * 1000 + int(q.at_s * 1e6),
                       image=image, image_codec="jpeg" if image else None)
         router.feed(router.record(router.topics.queries, sid.encode(), encode(query), epoch_ms))
+    # asked while the last utterance (31-43.5 s) goes on: answered without waiting for its end
+    mid_s, (talk_from, talk_to) = 37.0, (media.utterances[-1][0], media.utterances[-1][1])
+    assert talk_from < mid_s < talk_to
+    mid = Query(query_id=f"{sid}-mid", stream_id=sid, text="What was said?", asked_at_us=epoch_ms * 1000 + int(mid_s * 1e6))
+    router.feed(router.record(router.topics.queries, sid.encode(), encode(mid), epoch_ms))
     assert router.answers == []  # nothing seen yet: all held
     bad = dataclasses.replace(decode(records[0].value, Frame) if records[0].topic == router.topics.frames
                               else decode(records[1].value, Frame), seq=10_000)
@@ -128,8 +133,13 @@ def test_stages_answer_from_the_right_utterance_and_scene(stack_settings, media)
                                   encode(dataclasses.replace(bad, payload=b"\xff\xd8garbage\xff\xd9")), epoch_ms))
     router.tick(int(time.time() * 1e6) + 10_000_000)  # the last question waits for the stream's end
     by_id = {a.query_id: a for a in router.answers}
-    assert sorted(by_id) == sorted(f"{sid}-q{i}" for i in range(len(media.questions)))
-    assert len(router.answers) == len(media.questions)  # once each
+    assert sorted(by_id) == sorted([*(f"{sid}-q{i}" for i in range(len(media.questions))), f"{sid}-mid"])
+    assert len(router.answers) == len(media.questions) + 1  # once each
+    # the mid-utterance question: released once both sources passed 37 s, before the utterance
+    # ended (progress marks during speech), and answered from what had ended by then
+    assert mid_s * 1e6 - 1_000_000 <= answered_at[f"{sid}-mid"] < talk_to * 1e6
+    assert by_id[f"{sid}-mid"].evidence
+    assert all(e.end_us <= mid_s * 1e6 for e in by_id[f"{sid}-mid"].evidence), by_id[f"{sid}-mid"].evidence
     for i, q in enumerate(media.questions):
         a = by_id[f"{sid}-q{i}"]
         assert a.evidence, a
@@ -148,6 +158,12 @@ def test_stages_answer_from_the_right_utterance_and_scene(stack_settings, media)
     assert keyframes and all(store.get(k)[:2] == b"\xff\xd8" for k in keyframes)
     speech = [decode(n.value, SpeechNote) for n in router.notes if b"/speech/" in dict(n.headers)["streamvqa-id"]]
     assert any("america" in s.text.lower() for s in speech)
+    marks = [decode(n.value, SpeechNote) for n in router.notes if b"/heard/" in dict(n.headers)["streamvqa-id"]]
+    during = [m for m in marks if m.open_since_us is not None]  # marks sent while someone spoke
+    assert during and all(m.text == "" and m.start_us <= m.open_since_us <= m.end_us for m in during)
+    # during the last utterance: marks that say speech is open since some point of it
+    assert any(talk_from * 1e6 - 500_000 <= m.open_since_us < m.end_us <= talk_to * 1e6 + 1_000_000 for m in during), \
+        [(m.open_since_us, m.end_us) for m in during]
 
 
 def test_match_spans_are_runs_best_first() -> None:

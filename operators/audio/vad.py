@@ -219,6 +219,11 @@ class VoiceActivity:
 
     # -- internals ---------------------------------------------------------------------
 
+    def open_since_us(self, state: VadState) -> int | None:
+        """Stream time where the utterance still open starts (its padding included); None when
+        no speech is open."""
+        return self._time(state, state.seg_start) if state.triggered else None
+
     def _time(self, state: VadState, sample: int) -> int:
         return (state.origin_us or 0) + sample * 1_000_000 // SAMPLE_RATE
 

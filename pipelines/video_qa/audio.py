@@ -1,9 +1,11 @@
 """AudioStage: decode/validate -> voice activity (silero-vad) -> speech recognition (Whisper
 tiny.en via faster-whisper) -> a SpeechNote per utterance on the memory topic.
 
-During silence it notes progress (a blank SpeechNote every ``progress_us`` of stream time), so
-the memory stage knows how far the audio has been heard: a question waits for it.
-State per stream: the VAD state (its open segment included) and the last progress mark.
+When no note has been sent for ``progress_us`` of stream time it notes progress (a blank
+SpeechNote), so the memory stage knows how far the audio has been heard: a question waits for
+it. During speech the mark says since when an utterance is open (``open_since_us``): a question
+asked while someone is talking need not wait for them to finish.
+State per stream: the VAD state (its open segment included) and the last notes' ends.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ _STATE = b"streamvqa.audio-stage/1"
 class AudioStageState:
     vad: VadState
     last_seq: int = -1
-    marked_us: int = -1  # end of the last note (speech or progress) sent
+    marked_us: int = -1  # audio noted up to here: every utterance that ended by then is sent
     utterances: int = 0
+    reported_us: int = -1  # end of the last note sent (a mark during speech included)
 
     def to_bytes(self) -> bytes:
         head = json.dumps(
-            {"last_seq": self.last_seq, "marked_us": self.marked_us, "utterances": self.utterances}
+            {"last_seq": self.last_seq, "marked_us": self.marked_us, "utterances": self.utterances,
+             "reported_us": self.reported_us}
         ).encode()
         return _STATE + struct.pack("<I", len(head)) + head + self.vad.to_bytes()
 
@@ -42,7 +46,7 @@ class AudioStageState:
 class AudioStage:
     speech: SpeechToText
     memory_topic: str
-    progress_us: int = 2_000_000
+    progress_us: int = 1_000_000
     limits: Limits = field(default_factory=Limits)
     calls: CallPolicy = field(default_factory=CallPolicy)
     name: str = "audio"
@@ -63,7 +67,8 @@ class AudioStage:
         (n,) = struct.unpack_from("<I", data, at)
         head = json.loads(data[at + 4 : at + 4 + n])
         vad = VadState.from_bytes(data[at + 4 + n :])
-        return AudioStageState(vad, head["last_seq"], head["marked_us"], head["utterances"])
+        return AudioStageState(vad, head["last_seq"], head["marked_us"], head["utterances"],
+                               head.get("reported_us", head["marked_us"]))
 
     def process(self, state: AudioStageState, record: KafkaRecord) -> tuple[AudioStageState, list[Output]]:
         chunk = decode_keyed(record, AudioChunk, self.limits)  # SchemaError -> dead letter
@@ -79,7 +84,7 @@ class AudioStage:
 
         transcripts, vad = self.guard.call(hear, what=f"audio chunk {chunk.seq} of {chunk.stream_id}")
         asr_ms = (time.perf_counter() - t0) * 1000
-        state = AudioStageState(vad, chunk.seq, state.marked_us, state.utterances)
+        state = AudioStageState(vad, chunk.seq, state.marked_us, state.utterances, state.reported_us)
         wall = wall_us(record) + _duration_us(chunk)  # the chunk has been heard to its end
         outputs: list[Output] = []
         for t in transcripts:
@@ -92,16 +97,21 @@ class AudioStage:
             )
             outputs.append(note(self.memory_topic, f"{chunk.stream_id}/speech/{start}", speech, record))
             state.marked_us = max(state.marked_us, t.end_us)
+            state.reported_us = max(state.reported_us, t.end_us)
             state.utterances += 1
         heard_us = chunk.pts_us + _duration_us(chunk)
-        # progress while nothing is open: the audio up to here holds no unfinished speech
-        if not vad.triggered and heard_us - max(state.marked_us, 0) >= self.progress_us:
+        if heard_us - max(state.reported_us, 0) >= self.progress_us:
             start = max(state.marked_us, 0)
+            open_since = self.speech.vad.open_since_us(vad)
             mark = SpeechNote(
                 stream_id=chunk.stream_id, seq=chunk.seq, start_us=start, end_us=heard_us, wall_us=wall, text="",
+                # never before what is noted: the utterance's transcript will not start earlier
+                open_since_us=None if open_since is None else min(max(open_since, start), heard_us),
             )
             outputs.append(note(self.memory_topic, f"{chunk.stream_id}/heard/{chunk.seq}", mark, record))
-            state.marked_us = heard_us
+            if open_since is None:  # the audio up to here holds no unfinished speech
+                state.marked_us = heard_us
+            state.reported_us = heard_us
         return state, outputs
 
 

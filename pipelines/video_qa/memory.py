@@ -339,7 +339,8 @@ class MemoryStage:
         state.audio_wall_us = max(state.audio_wall_us, n.wall_us)
         if n.end_us <= state.heard_us and n.text:
             return  # a replayed utterance
-        state.heard_us = max(state.heard_us, n.end_us)
+        # the audio has been noted up to here: to the end, or to where an utterance still open began
+        state.heard_us = max(state.heard_us, n.end_us if n.open_since_us is None else n.open_since_us)
         if state.offset_us is None:
             state.offset_us = n.wall_us - n.end_us  # the note's wall clock is its chunk's end
         if n.text:
@@ -355,7 +356,7 @@ class MemoryStage:
         if not state.pending:
             return
         if upto is not None:
-            self._prefill_ready(state, upto)
+            self._prefill_ready(state, upto, speech_until=upto)
             return
         # Every source the stream is expected to have must have reported: one that has not may only
         # be late (its stage lags), and text of the other would enter the memory out of order. A
@@ -370,17 +371,26 @@ class MemoryStage:
         if state.audio_wall_us >= 0:
             marks.append(state.heard_us)
         limit = (1 << 62) if everything or not marks else min(marks)
+        speech_until = None
         if not everything:
-            held = [self._stream_time(state, h) for h in state.held]
-            limit = min([limit, *[t for t in held if t is not None]])
-        self._prefill_ready(state, limit)
+            held = [t for t in (self._stream_time(state, h) for h in state.held) if t is not None]
+            limit = min([limit, *held])
+            speech_until = min(held, default=None)
+        self._prefill_ready(state, limit, speech_until)
 
-    def _prefill_ready(self, state: MemoryState, limit: int) -> None:
-        ready = sorted(p for p in state.pending if p[0] <= limit)
-        if not ready:
+    def _prefill_ready(self, state: MemoryState, limit: int, speech_until: int | None = None) -> None:
+        """Prefill, in stream-time order, the pending text that starts by ``limit``; an utterance
+        that goes on past ``speech_until`` (a held question's time) waits: a question sees the
+        utterances that ended by its time, and never one it was asked in the middle of (whether
+        that one's transcript has come yet or not depends on the stages' timing)."""
+        def ready(p) -> bool:
+            return p[0] <= limit and (speech_until is None or p[1] != 1 or p[5] <= speech_until)
+
+        now = sorted(p for p in state.pending if ready(p))
+        if not now:
             return
-        state.pending = [p for p in state.pending if p[0] > limit]
-        for _, _, _, text, start, end in ready:
+        state.pending = [p for p in state.pending if not ready(p)]
+        for _, _, _, text, start, end in now:
             self._prefill(state, text, start, end)
 
     @staticmethod
