@@ -220,6 +220,10 @@ class PipelineSettings(BaseModel):
     answer_context: Literal["stored", "recompute"] = "recompute"
     text_features: bool = True  # MiniLM sentence features beside the ReKV score
     budget_tokens: int = Field(default=16384, ge=256)  # CurveStream visual memory
+    # KV blocks kept in the process (all streams of a worker) before they are only in the object
+    # store: the device tier (GPU memory on a GPU, else RAM) and the host RAM tier, LRU
+    kv_device_bytes: int = Field(default=64 << 20, ge=0)
+    kv_host_bytes: int = Field(default=256 << 20, ge=0)
     keyframes: bool = True  # clear frames' JPEGs to the object store
     speech: bool = True  # VAD + ASR on the audio topic
     audio_progress_s: float = Field(default=1.0, gt=0)  # progress marks (the audio watermark) at least this often

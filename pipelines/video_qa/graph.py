@@ -17,6 +17,7 @@ owning some partitions. Models load once per worker, on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -62,7 +63,8 @@ def load_memory_models(settings: Settings):
 
     p = settings.pipeline
     model, tokenizer, model_id = load_language_model(p.lm_path, p.lm_dtype)
-    store = StoreConfig.from_settings(settings).kv_store()
+    store = dataclasses.replace(StoreConfig.from_settings(settings), gpu_bytes=p.kv_device_bytes,
+                                cpu_bytes=p.kv_host_bytes).kv_store()
     embedder = None
     if p.text_features:
         from streamvqa.operators.lm.features import MiniLMEmbedder
