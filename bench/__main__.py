@@ -14,6 +14,7 @@ BENCHMARKS = {
     "serve": "bench.serve_bench",
     "pipeline": "bench.pipeline_bench",
     "stc-modes": "bench.stc_modes",
+    "soak": "bench.soak",
 }
 
 
