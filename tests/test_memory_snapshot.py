@@ -89,3 +89,17 @@ def test_a_tampered_or_foreign_chunk_is_refused(stage, stack_settings, endpoints
     objects.put(state_a.index_chunks[0], bytes(data))
     with pytest.raises(BlockMismatch, match="content hash"):
         stage.decode_state(blob_a)
+
+
+def test_the_manifest_lists_the_most_recent_frames(stage, monkeypatch) -> None:
+    """Rewritten at every answer: over weeks of a stream it must not grow without end (nor past
+    the schema's entry limit, which would fail every answer)."""
+    from streamvqa.pipelines.video_qa import memory as memory_module
+    from streamvqa.schemas import MemoryManifest, decode
+
+    monkeypatch.setattr(memory_module, "MANIFEST_MAX_ENTRIES", 100)
+    state = _feed(stage, f"weeks-{uuid.uuid4().hex[:6]}", 250)
+    manifest = memory_module.manifest_of(state)
+    assert [f.seq for f in manifest.frames] == list(range(150, 250))
+    assert manifest.total_tokens == 16 * 250  # the count covers everything
+    assert decode(encode(manifest), MemoryManifest) == manifest

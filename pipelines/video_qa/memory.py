@@ -60,6 +60,7 @@ _STATE = b"streamvqa.memory-stage/1"
 _CHUNK = b"streamvqa.visual-index/1"
 INDEX_CHUNK_FRAMES = 512  # the visual index is snapshotted in sealed, content-addressed chunks of this many frames
 _COLUMNS = ("seqs", "pts", "tiers", "scores", "tokens", "hashes")
+MANIFEST_MAX_ENTRIES = 10_000  # a manifest lists the most recent frames and blocks, this many of each
 SYSTEM_ID = "streamvqa"
 KEEP_ANSWERED = 1024  # ids of answered questions remembered per stream (duplicates answered once)
 
@@ -542,13 +543,15 @@ class MemoryStage:
 
 
 def manifest_of(state: MemoryState, store=None) -> MemoryManifest:
-    """A stream's memory: every frame (tier, tokens, score, content hash) and every KV block (time
-    range, bytes, content hash; the tier ``store`` holds it in, else "object" for spilled blocks)."""
+    """A stream's memory: its frames (tier, tokens, score, content hash) and KV blocks (time range,
+    bytes, content hash; the tier ``store`` holds it in, else "object" for spilled blocks), the
+    most recent ``MANIFEST_MAX_ENTRIES`` of each (it is rewritten at every answer: a stream that
+    runs for weeks must not make it grow without end); ``total_tokens`` counts everything."""
     kv = state.kv
     blocks = []
     if kv is not None:
         per_token = _bytes_per_token(kv)
-        for s in kv.index:
+        for s in kv.index[-MANIFEST_MAX_ENTRIES:]:
             tiers = store.where(s.key) if store is not None else []
             blocks.append(ManifestBlock(
                 block_index=s.block_index, start_us=s.start_us, end_us=max(s.end_us, s.start_us),
@@ -562,10 +565,11 @@ def manifest_of(state: MemoryState, store=None) -> MemoryManifest:
                     tier="gpu" if b.device.type == "cuda" else "cpu", nbytes=b.nbytes, key="",
                     content_hash=b.content_hash(),
                 ))
+    recent = slice(-MANIFEST_MAX_ENTRIES, None)
     frames = tuple(
         ManifestFrame(seq=q, pts_us=p, tier=t, tokens=k, score=c, content_hash=h)
-        for q, p, t, k, c, h in zip(state.seqs, state.pts, state.tiers, state.tokens, state.scores, state.hashes,
-                                    strict=True)
+        for q, p, t, k, c, h in zip(state.seqs[recent], state.pts[recent], state.tiers[recent],
+                                    state.tokens[recent], state.scores[recent], state.hashes[recent], strict=True)
     )
     return MemoryManifest(
         stream_id=state.stream_id, generation=state.kv_version, updated_at_us=now_us(), token_budget=0,
