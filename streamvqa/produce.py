@@ -14,7 +14,8 @@ Sources
 Frames are optionally sampled to ``fps`` (for each tick ``t0 + k/fps`` of a grid anchored at the
 source's first frame, the frame whose pts is closest to the tick; a source frame is never sent
 twice), resized to fit ``max_width`` x ``max_height`` (aspect kept, never enlarged) and
-JPEG-encoded. The source's audio (or a separate ``audio_path`` file, aligned at t=0) is
+JPEG-encoded. The source's audio (or a separate ``audio_path`` file, aligned at t=0 of every
+pass when ``loops`` > 1) is
 resampled to 16 kHz mono and cut into ``chunk_ms`` chunks on a grid anchored at the audio's
 first sample. Every message is keyed by the stream id (one stream -> one partition, in order);
 its Kafka timestamp is the presentation time on the wall clock of this run
@@ -99,7 +100,7 @@ class ProduceOptions:
     limit: int | None = None  # at most this many frames in this run
     loops: int = 1  # play a file/folder this many times (timeline continues)
     audio: bool = True  # publish the source's audio stream, if it has one
-    audio_path: Path | None = None  # a separate audio file muxed into the stream (at t=0)
+    audio_path: Path | None = None  # a separate audio file muxed into the stream (at t=0 of each loop)
     chunk_ms: int = 1000
     sample_format: str = "f32le"  # or "s16le"
     image_fps: float = 1.0  # frame rate of a folder of images
@@ -370,16 +371,18 @@ def _image_events(folder: Path, image_fps: float) -> Iterator[_VideoEvent]:
 
 
 def _source_events(source: str, options: ProduceOptions) -> Iterator[Any]:
-    """One pass over the source: video events, and audio events of the source itself."""
+    """One pass over the source: video events, and audio events of the source itself or of the
+    separate ``audio_path`` file (from the pass's t=0: with ``loops`` it plays again each pass)."""
     path = Path(source)
     if not is_live(source) and path.is_dir():
-        yield from _image_events(path, options.image_fps)
-        return
-    if not is_live(source) and not path.exists():
-        raise ProduceError(f"no such file or folder: {source}")
-    yield from _container_events(
-        source, options, video=True, audio=options.audio and options.audio_path is None
-    )
+        events: Iterator[Any] = _image_events(path, options.image_fps)
+    else:
+        if not is_live(source) and not path.exists():
+            raise ProduceError(f"no such file or folder: {source}")
+        events = _container_events(source, options, video=True, audio=options.audio and options.audio_path is None)
+    if options.audio_path is not None and options.audio:
+        events = heapq.merge(events, _file_audio_events(Path(options.audio_path), options), key=lambda e: e.pts_us)
+    yield from events
 
 
 def sample_times(pts_us: Iterable[int], fps: float | None) -> list[int]:
@@ -672,10 +675,6 @@ def produce(
         first_video = first_audio = None
 
         events: Iterator[Any] = _timeline(source, options)
-        if options.audio_path is not None and options.audio:
-            events = heapq.merge(
-                events, _file_audio_events(Path(options.audio_path), options), key=lambda e: e.pts_us
-            )
 
         chunker = _AudioChunker(options.chunk_ms * AUDIO_RATE // 1000)
         wall0: float | None = None
