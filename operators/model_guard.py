@@ -22,6 +22,7 @@ they are, and the run is run again without counting them against the record.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -70,23 +71,19 @@ class ModelGuard:
             from streamvqa.operators.io.exactly_once import is_outage
         self.name, self.policy, self.is_outage = name, policy or CallPolicy(), is_outage
         self._lock = threading.Lock()
+        self._worker: _Worker | None = None
         self.failures = 0  # attempts that raised or overran, over the guard's life
         self.abandoned = 0  # attempts that overran
 
     def _start(self, *args) -> Future:
-        """``_attempt(*args)`` in a daemon thread of its own: an abandoned call must not keep the
-        process from exiting (a pool's workers are joined at exit)."""
-        future: Future = Future()
-
-        def run() -> None:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(self._attempt(*args))
-                except BaseException as err:  # handed to the caller
-                    future.set_exception(err)
-
-        threading.Thread(target=run, name=f"model-{self.name}", daemon=True).start()
-        return future
+        """``_attempt(*args)`` on the guard's worker thread (a daemon: an abandoned call must not
+        keep the process from exiting). One long-lived worker, not a thread per call: the
+        allocator keeps per-thread arenas, and a new thread for every call made the pipeline's
+        memory creep. A worker whose call overran is retired (it ends after that call) and the
+        next attempt gets a new one."""
+        if self._worker is None:
+            self._worker = _Worker(f"model-{self.name}")
+        return self._worker.submit(lambda: self._attempt(*args))
 
     def call(self, fn: Callable[[], Any], *, rollback: Callable[[], None] | None = None,
              what: str = "") -> Any:
@@ -102,6 +99,8 @@ class ModelGuard:
             deadline = time.monotonic() + policy.timeout_s
             if not got_model.wait(policy.timeout_s):
                 given_up.set()  # if the model comes back later, this attempt does not run
+                self._worker.retire()
+                self._worker = None
                 raise ModelWedged(
                     f"{label}: an abandoned call has held the model for more than {policy.timeout_s:g} s "
                     f"({'; '.join(errors)})"
@@ -110,6 +109,8 @@ class ModelGuard:
                 return future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 self.abandoned += 1
+                self._worker.retire()  # busy with the overrun call: later attempts need another
+                self._worker = None
                 errors.append(f"attempt {attempt}: no result within {policy.timeout_s:g} s")
             except SchemaError:
                 raise  # the input is bad, not the model: retrying cannot help
@@ -138,3 +139,29 @@ class ModelGuard:
             return fn()
         finally:
             self._lock.release()
+
+
+class _Worker:
+    """A daemon thread running submitted calls one after another."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._queue.put((fn, future))
+        return future
+
+    def retire(self) -> None:
+        """End after the calls already submitted."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as err:  # handed to the caller
+                    future.set_exception(err)
