@@ -34,6 +34,7 @@ Writes bench/out/pipeline_bench.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -529,20 +531,14 @@ def _on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(quick: bool = False) -> dict:
-    import torch
-
+@contextlib.contextmanager
+def live_pipeline(prefix: str, results: dict) -> Iterator[tuple[Run, object]]:
+    """(run, demo media): a private stack, the pipeline process, warmed up (results["warm_up"]);
+    everything stopped and removed after, the pipeline's log tail shown on a failure."""
     from streamvqa.demo_media import build_demo_media
 
-    p = QUICK if quick else FULL
-    cores = os.cpu_count() or 1
-    results: dict = {
-        "quick": quick, "params": p,
-        "machine": {"node": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-    }
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    tmp = Path(tempfile.mkdtemp(prefix="svqa-pb-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     run = Run(tmp)
     t_start = time.perf_counter()
     try:
@@ -553,7 +549,28 @@ def main(quick: bool = False) -> dict:
         run.start_pipeline()
         console.log(f"[bold]pipeline[/] started (pid {run.pipeline.pid}), topics pb-{run.tag}.*")
         results["warm_up"] = warm_up(run, media)
+        yield run, media
+    except BaseException:
+        console.log(f"[red]failed[/]; pipeline log tail:\n{run.log_tail()}")
+        raise
+    finally:
+        run.down()
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def main(quick: bool = False) -> dict:
+    import torch
+
+    p = QUICK if quick else FULL
+    cores = os.cpu_count() or 1
+    results: dict = {
+        "quick": quick, "params": p,
+        "machine": {"node": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_count": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+    }
+    t_start = time.perf_counter()
+    with live_pipeline("svqa-pb-", results) as (run, media):
         ing = ingest(run, media, p["streams"], p["frames"])
         results["ingest"] = ing
         console.log(f"[bold]ingest[/]: {ing['frames']} frames in {ing['elapsed_s']} s = {ing['fps']} frames/s")
@@ -574,13 +591,6 @@ def main(quick: bool = False) -> dict:
         results["concurrent"] = {"n_from_ingest": math.floor(ing["fps"]), "cap": p["cap"], "runs": runs}
 
         results["questions"] = questions(run, media, p["questions"])
-    except BaseException:
-        console.log(f"[red]failed[/]; pipeline log tail:\n{run.log_tail()}")
-        raise
-    finally:
-        run.down()
-        signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(tmp, ignore_errors=True)
     results["total_s"] = _r(time.perf_counter() - t_start, 1)
     OUT.mkdir(exist_ok=True)
     (OUT / "pipeline_bench.json").write_text(json.dumps(results, indent=2))

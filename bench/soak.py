@@ -28,24 +28,19 @@ import argparse
 import json
 import math
 import os
-import shutil
-import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from bench.pipeline_bench import (
     OUT,
     BenchError,
     RssSampler,
     Run,
-    _on_sigterm,
     _pct,
     _progress,
     _r,
     console,
-    warm_up,
+    live_pipeline,
 )
 
 QUICK = {"streams": 2, "minutes": 3.0, "ask_every_s": 20.0}
@@ -190,31 +185,14 @@ def main(quick: bool = False, streams: int | None = None, minutes: float | None 
 
     import torch
 
-    from streamvqa.demo_media import build_demo_media
-
     p = dict(QUICK if quick else FULL)
     p["streams"] = streams or p["streams"]
     p["minutes"] = minutes or p["minutes"]
     results: dict = {"params": p, "machine": {"node": platform.node(), "cpu_count": os.cpu_count(),
                                               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}}
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    tmp = Path(tempfile.mkdtemp(prefix="svqa-soak-"))
-    run = Run(tmp)
     t0 = time.perf_counter()
-    try:
-        with console.status("starting the embedded stack and the demo media"):
-            run.up()
-            media = build_demo_media(tmp / "media", scene_s=15.0, fps=1.0)
-        run.start_pipeline()
-        results["warm_up"] = warm_up(run, media)
+    with live_pipeline("svqa-soak-", results) as (run, media):
         results["soak"] = soak(run, media, p["streams"], p["minutes"], p["ask_every_s"])
-    except BaseException:
-        console.log(f"[red]failed[/]; pipeline log tail:\n{run.log_tail()}")
-        raise
-    finally:
-        run.down()
-        signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(tmp, ignore_errors=True)
     results["total_s"] = _r(time.perf_counter() - t0, 1)
     OUT.mkdir(exist_ok=True)
     (OUT / "soak.json").write_text(json.dumps(results, indent=2))
