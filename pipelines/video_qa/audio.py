@@ -10,8 +10,6 @@ State per stream: the VAD state (its open segment included) and the last notes' 
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +19,7 @@ from streamvqa.operators.model_guard import CallPolicy, ModelGuard
 from streamvqa.schemas import AudioChunk, Limits, SpeechNote
 from streamvqa.schemas.errors import InvalidField
 
-from .common import decode_keyed, note, wall_us
+from .common import decode_keyed, note, read_tagged_blob, tagged_blob, wall_us
 
 _STATE = b"streamvqa.audio-stage/1"
 
@@ -35,11 +33,9 @@ class AudioStageState:
     reported_us: int = -1  # end of the last note sent (a mark during speech included)
 
     def to_bytes(self) -> bytes:
-        head = json.dumps(
-            {"last_seq": self.last_seq, "marked_us": self.marked_us, "utterances": self.utterances,
-             "reported_us": self.reported_us}
-        ).encode()
-        return _STATE + struct.pack("<I", len(head)) + head + self.vad.to_bytes()
+        head = {"last_seq": self.last_seq, "marked_us": self.marked_us, "utterances": self.utterances,
+                "reported_us": self.reported_us}
+        return tagged_blob(_STATE, head, self.vad.to_bytes())
 
 
 @dataclass
@@ -61,12 +57,8 @@ class AudioStage:
         return state.to_bytes()
 
     def decode_state(self, data: bytes) -> AudioStageState:
-        if not data.startswith(_STATE):
-            raise ValueError("not an audio stage state")
-        at = len(_STATE)
-        (n,) = struct.unpack_from("<I", data, at)
-        head = json.loads(data[at + 4 : at + 4 + n])
-        vad = VadState.from_bytes(data[at + 4 + n :])
+        head, body = read_tagged_blob(_STATE, data, "audio stage state")
+        vad = VadState.from_bytes(body)
         return AudioStageState(vad, head["last_seq"], head["marked_us"], head["utterances"],
                                head.get("reported_us", head["marked_us"]))
 

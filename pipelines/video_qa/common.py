@@ -1,7 +1,10 @@
-"""What the stages share: limits from the settings, note outputs, wall-clock helpers."""
+"""What the stages share: limits from the settings, note outputs, wall-clock helpers, the
+layout of their state blobs."""
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 
 from streamvqa.operators.io.records import OUTPUT_ID_HEADER, KafkaRecord, Output
@@ -46,3 +49,19 @@ def note(topic: str, identity: str, value: Record | bytes, source: KafkaRecord) 
     data = value if isinstance(value, bytes) else encode(value)
     return Output(topic, source.key, data, headers=((OUTPUT_ID_HEADER, identity.encode()),),
                   partition_key=source.key)
+
+
+def tagged_blob(tag: bytes, head: dict, body: bytes = b"") -> bytes:
+    """``tag``, a length-prefixed JSON ``head``, then ``body``: the layout of the stages' states
+    and of the memory stage's index chunks."""
+    raw = json.dumps(head, sort_keys=True).encode()
+    return tag + struct.pack("<I", len(raw)) + raw + body
+
+
+def read_tagged_blob(tag: bytes, data: bytes, what: str) -> tuple[dict, bytes]:
+    """(head, body) of a :func:`tagged_blob`; ValueError when ``data`` is not one of ``tag``."""
+    if not data.startswith(tag):
+        raise ValueError(f"not a {what}")
+    (n,) = struct.unpack_from("<I", data, len(tag))
+    at = len(tag) + 4
+    return json.loads(data[at : at + n]), data[at + n :]

@@ -23,8 +23,6 @@ the ids of the last answered ones (a question asked twice is answered once).
 from __future__ import annotations
 
 import base64
-import json
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +52,7 @@ from streamvqa.schemas.errors import WrongRecordType
 
 from streamvqa.storage.keys import content_hash, stream_prefix
 
-from .common import now_us, wall_us
+from .common import now_us, read_tagged_blob, tagged_blob, wall_us
 
 _STATE = b"streamvqa.memory-stage/1"
 _CHUNK = b"streamvqa.visual-index/1"
@@ -210,18 +208,12 @@ class MemoryStage:
             "answered": state.answered,
             "utterances": state.utterances,
         }
-        raw = json.dumps(head, sort_keys=True).encode()
-        return _STATE + struct.pack("<I", len(raw)) + raw + feats
+        return tagged_blob(_STATE, head, feats)
 
     def decode_state(self, data: bytes) -> MemoryState:
         from streamvqa.operators.lm.memory import StreamKV
 
-        if not data.startswith(_STATE):
-            raise ValueError("not a memory stage state")
-        at = len(_STATE)
-        (n,) = struct.unpack_from("<I", data, at)
-        head = json.loads(data[at + 4 : at + 4 + n])
-        feats = data[at + 4 + n :]
+        head, feats = read_tagged_blob(_STATE, data, "memory stage state")
         state = MemoryState(head["stream_id"])
         if head["kv_key"] is not None:
             # verified on read: a state may only name its own stream's memory
@@ -254,9 +246,7 @@ class MemoryStage:
             if self.objects is None:
                 raise RuntimeError("the memory stage needs an object store to snapshot a long visual index")
             lo = len(state.index_chunks) * INDEX_CHUNK_FRAMES
-            columns, feats = _index_rows(state, lo, lo + INDEX_CHUNK_FRAMES)
-            raw = json.dumps(columns, sort_keys=True).encode()
-            blob = _CHUNK + struct.pack("<I", len(raw)) + raw + feats
+            blob = tagged_blob(_CHUNK, *_index_rows(state, lo, lo + INDEX_CHUNK_FRAMES))
             key = f"{stream_prefix(state.stream_id)}memory/visual-index/{content_hash(blob)[:32]}"
             self.objects.put(key, blob)
             state.index_chunks.append(key)
@@ -268,9 +258,7 @@ class MemoryStage:
         blob = self.objects.get(key)
         if not blob.startswith(_CHUNK) or content_hash(blob)[:32] != key.rsplit("/", 1)[-1]:
             raise BlockMismatch(f"visual index chunk {key!r} does not match its content hash")
-        at = len(_CHUNK)
-        (n,) = struct.unpack_from("<I", blob, at)
-        return json.loads(blob[at + 4 : at + 4 + n]), blob[at + 4 + n :]
+        return read_tagged_blob(_CHUNK, blob, "visual index chunk")
 
     # -- processing --------------------------------------------------------------
     def process(self, state: MemoryState, record: KafkaRecord) -> tuple[MemoryState, list[Output]]:
