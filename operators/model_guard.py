@@ -85,6 +85,10 @@ class ModelGuard:
             self._worker = _Worker(f"model-{self.name}")
         return self._worker.submit(lambda: self._attempt(*args))
 
+    def _retire_worker(self) -> None:
+        self._worker.retire()
+        self._worker = None
+
     def call(self, fn: Callable[[], Any], *, rollback: Callable[[], None] | None = None,
              what: str = "") -> Any:
         """``fn()`` under the policy; ``rollback()`` runs (holding the model) before each retry;
@@ -99,8 +103,7 @@ class ModelGuard:
             deadline = time.monotonic() + policy.timeout_s
             if not got_model.wait(policy.timeout_s):
                 given_up.set()  # if the model comes back later, this attempt does not run
-                self._worker.retire()
-                self._worker = None
+                self._retire_worker()
                 raise ModelWedged(
                     f"{label}: an abandoned call has held the model for more than {policy.timeout_s:g} s "
                     f"({'; '.join(errors)})"
@@ -109,8 +112,7 @@ class ModelGuard:
                 return future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 self.abandoned += 1
-                self._worker.retire()  # busy with the overrun call: later attempts need another
-                self._worker = None
+                self._retire_worker()  # busy with the overrun call: later attempts need another
                 errors.append(f"attempt {attempt}: no result within {policy.timeout_s:g} s")
             except SchemaError:
                 raise  # the input is bad, not the model: retrying cannot help
