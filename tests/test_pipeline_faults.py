@@ -20,13 +20,24 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 OUTAGE_S = 30.0
 
 
+def _start(settings, tmp_path, prefix: str, group: str):
+    """(demo media, a new stream id, the pipeline's log, the pipeline process)."""
+    media = build_demo_media(tmp_path / "media", scene_s=15.0, fps=1.0)
+    log = tmp_path / "pipeline.log"
+    return media, f"{prefix}-{uuid.uuid4().hex[:6]}", log, start_pipeline(settings, log, group=group)
+
+
+def _assert_exactly_once(answers, ids, identities, visual, letters, media) -> None:
+    assert sorted(a.query_id for a in answers) == sorted(ids)  # each answered, once
+    assert set(identities.values()) == {1}  # no note written twice
+    assert sorted(visual) == list(range(len(list(media.frames_dir.glob("*.jpg")))))  # no frame lost
+    assert len(letters) == 3 and set(letters.values()) == {1}
+
+
 def test_object_store_outage_costs_time_not_data(private_stack, tmp_path) -> None:
     private_stack.up()
     settings, endpoints = _settings(private_stack.settings, f"f{uuid.uuid4().hex[:4]}")
-    media = build_demo_media(tmp_path / "media", scene_s=15.0, fps=1.0)
-    stream_id = f"outage-{uuid.uuid4().hex[:6]}"
-    log = tmp_path / "pipeline.log"
-    proc = start_pipeline(settings, log, group="faults")
+    media, stream_id, log, proc = _start(settings, tmp_path, "outage", "faults")
     try:
         ids = _ask(settings, endpoints, media, stream_id)
         feeder = threading.Thread(target=_stream, args=(settings, endpoints, media, stream_id, 2.0), daemon=True)
@@ -41,11 +52,8 @@ def test_object_store_outage_costs_time_not_data(private_stack, tmp_path) -> Non
     finally:
         stop_pipeline(proc)
     answers, identities, visual, _speech, letters, manifest = _outcome(settings, endpoints, "faults", stream_id)
-    assert sorted(a.query_id for a in answers) == sorted(ids)  # each answered, once
-    assert set(identities.values()) == {1}  # no note written twice
-    assert sorted(visual) == list(range(len(list(media.frames_dir.glob("*.jpg")))))  # no frame lost
+    _assert_exactly_once(answers, ids, identities, visual, letters, media)
     assert len(manifest.frames) == len(visual)
-    assert len(letters) == 3 and set(letters.values()) == {1}
     for answer, question in zip(sorted(answers, key=lambda a: a.query_id), media.questions, strict=True):
         lo, hi = (int(x * 1e6) for x in question.expect)
         assert answer.evidence and answer.evidence[0].start_us < hi and answer.evidence[0].end_us > lo, answer
@@ -57,10 +65,7 @@ def test_broker_restart_mid_stream_costs_time_not_data(private_stack, tmp_path) 
     settings, endpoints = _settings(private_stack.settings.model_copy(
         update={"local": private_stack.settings.local.model_copy(update={"broker_storage": "s3"})}),
         f"k{uuid.uuid4().hex[:4]}")
-    media = build_demo_media(tmp_path / "media", scene_s=15.0, fps=1.0)
-    stream_id = f"broker-{uuid.uuid4().hex[:6]}"
-    log = tmp_path / "pipeline.log"
-    proc = start_pipeline(settings, log, group="faults-broker")
+    media, stream_id, log, proc = _start(settings, tmp_path, "broker", "faults-broker")
     try:
         ids = _ask(settings, endpoints, media, stream_id)
         _stream(settings, endpoints, media, stream_id, None)  # all of it in the broker first
@@ -73,8 +78,5 @@ def test_broker_restart_mid_stream_costs_time_not_data(private_stack, tmp_path) 
     finally:
         stop_pipeline(proc)
     answers, identities, visual, _speech, letters, _manifest = _outcome(settings, endpoints, "faults-broker", stream_id)
-    assert sorted(a.query_id for a in answers) == sorted(ids)
-    assert set(identities.values()) == {1}
-    assert sorted(visual) == list(range(len(list(media.frames_dir.glob("*.jpg")))))
-    assert len(letters) == 3 and set(letters.values()) == {1}
+    _assert_exactly_once(answers, ids, identities, visual, letters, media)
     assert "ECONNREFUSED" in log.read_text(errors="replace")  # the restart was felt, and outlived
