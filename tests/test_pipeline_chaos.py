@@ -165,7 +165,8 @@ def test_sigkill_restarts_give_the_uninterrupted_result(stack_settings, tmp_path
     # no note lost or written twice; the same notes. Floats are compared to 1e-4: the CPU kernels
     # are deterministic within a process, but across the two runs' processes a few features
     # differed in the last bit (docs/reliability.md); everything discrete must be equal.
-    assert set(identities.values()) == {1} and identities.keys() == e_identities.keys()
+    assert set(identities.values()) == {1} and identities.keys() == e_identities.keys(), (
+        {k: n for k, n in identities.items() if n > 1}, identities.keys() ^ e_identities.keys())
     assert visual.keys() == e_visual.keys() and speech == e_speech
     for seq, (tier, score, feature, key, tokens) in visual.items():
         e_tier, e_score, e_feature, e_key, e_tokens = e_visual[seq]
