@@ -17,6 +17,10 @@ After a crash anywhere, the source resumes from the group's committed offset
 inputs it had absorbed; inputs after the snapshot are processed again from the
 same state and give the same outputs, and the producer suppresses those whose
 keys the output topics already hold since the progress record's positions.
+Every output names the input that wrote it (``streamvqa-src``); a restarted task that
+commits before it has written again everything its killed run wrote keeps its positions
+before the first of those, so that a second crash still finds them. (Tasks of one step share
+a producer: without this, another task's new outputs would move the positions past them.)
 Result: every input affects the state once and every output appears once.
 See docs/exactly-once.md.
 """
@@ -28,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import apache_beam as beam
@@ -37,8 +41,8 @@ from streamvqa.schemas import InvalidField, SchemaError, encode, make_dead_lette
 from streamvqa.storage.keys import valid_stream_id
 from streamvqa.storage.object_store import ObjectNotFound, ObjectStore, PreconditionFailed
 
-from .kafka_sink import OffsetCommitter, OutputPositions, OutputProducer, output_ends
-from .records import KafkaBatch, KafkaRecord, Output
+from .kafka_sink import OffsetCommitter, OutputPositions, OutputProducer, Written, output_ends
+from .records import SOURCE_HEADER, KafkaBatch, KafkaRecord, Output
 from .snapshots import Head, Snapshot, SnapshotConflict, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,17 @@ class _Slot:
     generation: int
     head: Head | None
     dirty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """An output the killed run wrote that this run has not written again (yet)."""
+
+    source: int  # the offset of the input that wrote it, or the task's position at a tick
+    tick: bool
+    topic: str
+    partition: int
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,7 @@ class PartitionTask:
         self.failures_prefix = f"tasks/{group}/{processor.name}/{topic}/{partition}/failures/"
         self.progress, self._progress_etag = self._load_progress()
         self._failures = self._load_failures()
+        self._held: dict[tuple[str, bytes], _Held] = {}
 
     @property
     def source_offset_key(self) -> str:
@@ -213,7 +229,42 @@ class PartitionTask:
             ends = output_ends(consumer_factory, output_topics)
             self._write_progress(Progress(0, 0, ends))
             return 0
-        return self.producer.load_ledger(consumer_factory, self.progress.outputs, output_topics)
+        written = self.producer.load_ledger(consumer_factory, self.progress.outputs, output_topics)
+        self._hold(written)
+        return len(written)
+
+    def _hold(self, written: list[Written]) -> None:
+        """Keep what this partition's inputs wrote since the last commit: until this run writes
+        each again (or passes the input that wrote it), commits keep the output positions before it."""
+        prefix = f"{self.topic}/{self.partition}/".encode()
+        for w in written:
+            if w.source is None or not w.source.startswith(prefix):
+                continue  # another task's output (or one written before sources were named)
+            rest = w.source[len(prefix):]
+            tick = rest.startswith(b"t")
+            try:
+                source = int(rest[1:] if tick else rest)
+            except ValueError:
+                continue
+            self._held[(w.topic, w.identity)] = _Held(source, tick, w.topic, w.partition, w.offset)
+
+    def _send(self, output: Output, source: str) -> None:
+        self.producer.send(replace(output, headers=(*output.headers, (SOURCE_HEADER, source.encode()))))
+        if self._held:
+            self._held.pop((output.topic, output.identity), None)
+
+    def _release(self, upto: int, tick: bool) -> None:
+        """This run has processed the input at ``upto`` (or ticked at position ``upto``): what
+        the killed run wrote from there is written again by now, or never will be (a snapshot
+        had absorbed it); it no longer holds the positions back."""
+        if self._held:
+            self._held = {k: h for k, h in self._held.items() if h.tick != tick or h.source > upto}
+
+    def _held_positions(self, positions: OutputPositions) -> OutputPositions:
+        for held in self._held.values():
+            parts = positions.setdefault(held.topic, {})
+            parts[held.partition] = min(parts.get(held.partition, held.offset), held.offset)
+        return positions
 
     def _slot(self, stream_id: str) -> _Slot:
         slot = self._slots.get(stream_id)
@@ -269,8 +320,10 @@ class PartitionTask:
                     raise  # the run fails; it is run again from the committed state
                 slot.next_offset = record.offset + 1
                 slot.dirty = True
+                source = f"{self.topic}/{self.partition}/{record.offset}"
                 for output in outputs:
-                    self.producer.send(output)
+                    self._send(output, source)
+        self._release(record.offset, tick=False)
         if self.commit_due():
             self.commit()
 
@@ -282,6 +335,8 @@ class PartitionTask:
             return 0
         now_us = int(time.time() * 1e6) if now_us is None else now_us
         self._last_tick = self.clock()
+        position = self.progress.next_offset if self._position is None else self._position
+        source = f"{self.topic}/{self.partition}/t{position}"
         changed = 0
         for slot in self._slots.values():
             state, outputs = tick(slot.state, now_us)
@@ -290,7 +345,9 @@ class PartitionTask:
             slot.state, slot.dirty = state, True
             changed += 1
             for output in outputs:
-                self.producer.send(output)
+                self._send(output, source)
+        # the same states (or later ones) at a later time give what the killed run's tick here gave
+        self._release(position, tick=True)
         if changed:
             self._uncommitted += 1
         if self.commit_due():
@@ -315,8 +372,8 @@ class PartitionTask:
             error, source_topic=record.topic, source_partition=record.partition,
             source_offset=record.offset, payload=record.value, key=record.key,
         )
-        key = f"{record.topic}/{record.partition}/{record.offset}".encode()
-        self.producer.send(Output(self.dead_letter_topic, key, encode(letter)))
+        key = f"{record.topic}/{record.partition}/{record.offset}"
+        self._send(Output(self.dead_letter_topic, key.encode(), encode(letter)), key)
         self.dead_letters += 1
 
     # -- committing ------------------------------------------------------------------------
@@ -330,9 +387,8 @@ class PartitionTask:
         for (_, slot), head in zip(dirty, self._pool.map(self._save, dirty), strict=True):
             slot.head, slot.dirty = head, False
             slot.generation += 1
-        self._write_progress(
-            Progress(self.progress.generation + 1, self._position, _merge(self.progress.outputs, outputs))
-        )
+        positions = self._held_positions(_merge(self.progress.outputs, outputs))
+        self._write_progress(Progress(self.progress.generation + 1, self._position, positions))
         self.committer.commit(self.topic, self.partition, self._position)
         self._uncommitted = 0
         self._last_commit = self.clock()

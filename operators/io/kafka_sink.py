@@ -17,14 +17,26 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
-from .records import Output, output_identity
+from .records import SOURCE_HEADER, Output, header, output_identity
 
 OutputPositions = dict[str, dict[int, int]]  # topic -> partition -> next offset
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """An output found on an output topic by a ledger read: where it is, what it is, who wrote it."""
+
+    topic: str
+    partition: int
+    offset: int
+    identity: bytes
+    source: bytes | None  # the ``streamvqa-src`` header, if the writer set one
 
 
 class ProduceFailed(RuntimeError):
@@ -93,18 +105,18 @@ class OutputProducer:
 
     def load_ledger(
         self, consumer_factory: Callable[[], KafkaConsumer], since: OutputPositions, topics: list[str]
-    ) -> int:
+    ) -> list[Written]:
         """Read every output written at or after ``since`` (from the start of partitions
-        ``since`` does not name) and suppress those keys. Returns how many keys were found."""
-        found = 0
+        ``since`` does not name) and suppress those identities. Returns what was found."""
+        found: list[Written] = []
 
         def collect(tp: TopicPartition, messages) -> None:
-            nonlocal found
             for message in messages:
                 identity = output_identity(message.key, message.headers)
                 if identity is not None:
                     self._suppress.add((tp.topic, identity))
-                    found += 1
+                    found.append(Written(tp.topic, tp.partition, message.offset, identity,
+                                         header(message.headers, SOURCE_HEADER)))
 
         _scan(consumer_factory, topics, since, collect)
         return found

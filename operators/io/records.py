@@ -8,6 +8,10 @@ EOS_HEADER = "streamvqa-eos"
 #: An output's identity for the exactly-once ledger when its key is not unique (notes on the
 #: memory topic are keyed by stream id, like the inputs, and identified by this header).
 OUTPUT_ID_HEADER = "streamvqa-id"
+#: Which input wrote an output: ``topic/partition/offset`` of the record, or ``topic/partition/t<offset>``
+#: for a tick of that partition's task at that position. A restarted task holds its output
+#: positions before what its last run wrote and it has not yet written again (exactly_once.py).
+SOURCE_HEADER = "streamvqa-src"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +70,15 @@ class Output:
         return output_identity(self.key, self.headers)
 
 
-def output_identity(key: bytes | None, headers) -> bytes | None:
-    for name, value in headers or ():
-        if name == OUTPUT_ID_HEADER:
+def header(headers, name: str) -> bytes | None:
+    for key, value in headers or ():
+        if key == name:
             return bytes(value)
+    return None
+
+
+def output_identity(key: bytes | None, headers) -> bytes | None:
+    identity = header(headers, OUTPUT_ID_HEADER)
+    if identity is not None:
+        return identity
     return None if key is None else bytes(key)
