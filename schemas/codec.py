@@ -36,6 +36,7 @@ from .errors import (
     WrongRecordType,
     WrongVersion,
 )
+from .flat_row import FlatPlan, read_row
 from .records import (
     BLOCK_TIERS,
     FRAME_CODECS,
@@ -138,15 +139,24 @@ def _to_row(value: Any) -> Any:
 def _from_row(cls: type[Record], row: dict[str, Any]) -> Record:
     """The inverse of :func:`_to_row` for one decoded row (values not yet validated)."""
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        value = row[f.name]
+    for name, item_cls in _row_fields(cls):
+        value = row[name]
         if isinstance(value, list):
-            item_cls = cls.ITEMS.get(f.name)
             value = tuple(
                 item_cls(**v) if item_cls is not None and isinstance(v, dict) else v for v in value
             )
-        kwargs[f.name] = value
+        kwargs[name] = value
     return cls(**kwargs)
+
+
+_ROW_FIELDS: dict[type, tuple[tuple[str, type | None], ...]] = {}
+
+
+def _row_fields(cls: type[Record]) -> tuple[tuple[str, type | None], ...]:
+    fields = _ROW_FIELDS.get(cls)
+    if fields is None:
+        fields = _ROW_FIELDS[cls] = tuple((f.name, cls.ITEMS.get(f.name)) for f in dataclasses.fields(cls))
+    return fields
 
 
 # ------------------------------------------------------------------------ decoding
@@ -185,22 +195,38 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
         raise OversizedMessage(
             f"message is {len(data)} bytes, more than max_message_bytes={limits.max_message_bytes}"
         )
-    _check_framing(data, limits)
+    known = _known_schema(data, expected)
+    if known is not None:
+        # the schema message is byte for byte one that passed every check: walk the rest,
+        # and read the batches against the schema already parsed
+        cls, version, schema, plan = known
+        schema_end = 8 + int.from_bytes(data[4:8], "little", signed=True)
+        positions = _check_framing(data, limits, start=schema_end)
+        if plan is not None and len(positions) == 1:
+            row = read_row(data, positions[0], plan)
+            if row is not None:
+                return _record(cls, version, row, limits)
+        buffer = pa.py_buffer(data)
+        read_batches = lambda: [  # noqa: E731
+            pa.ipc.read_record_batch(pa.ipc.read_message(buffer.slice(p)), schema) for p in positions
+        ]
+    else:
+        _check_framing(data, limits)
+        try:
+            reader = pa.ipc.open_stream(pa.py_buffer(data))
+            schema = reader.schema
+            _ = schema.names  # field names must be UTF-8; fail here rather than mid-comparison
+        except UnicodeDecodeError as exc:
+            raise MalformedMessage(
+                f"corrupt Arrow IPC schema: a field name is not UTF-8: {exc}"
+            ) from exc
+        except Exception as exc:
+            raise MalformedMessage(f"corrupt Arrow IPC schema message: {exc}") from exc
+        cls, version = _checked_schema(data, schema, expected)
+        read_batches = lambda: list(reader)  # noqa: E731
 
     try:
-        reader = pa.ipc.open_stream(pa.py_buffer(data))
-        schema = reader.schema
-        _ = schema.names  # field names must be UTF-8; fail here rather than mid-comparison
-    except UnicodeDecodeError as exc:
-        raise MalformedMessage(
-            f"corrupt Arrow IPC schema: a field name is not UTF-8: {exc}"
-        ) from exc
-    except Exception as exc:
-        raise MalformedMessage(f"corrupt Arrow IPC schema message: {exc}") from exc
-    cls, version = _checked_schema(data, schema, expected)
-
-    try:
-        batches = list(reader)
+        batches = read_batches()
         for batch in batches:
             # Full validation (offsets, UTF-8, lengths) before any value is read: without
             # it, corrupt offsets make to_pylist read out of bounds and crash the process.
@@ -213,7 +239,12 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
             f"a {cls.__name__} message must hold exactly one row, found {rows} "
             f"in {len(batches)} record batch(es)"
         )
-    row = next(b for b in batches if b.num_rows).to_pylist()[0]
+    batch = next(b for b in batches if b.num_rows)
+    row = {name: column.to_pylist()[0] for name, column in zip(schema.names, batch.columns, strict=True)}
+    return _record(cls, version, row, limits)
+
+
+def _record(cls: type[Record], version: int, row: dict[str, Any], limits: Limits) -> Record:
     if row["schema_version"] != version:
         raise WrongVersion(
             f"{cls.__name__} column schema_version is {row['schema_version']!r} but the schema "
@@ -229,8 +260,20 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
 
 # Schemas that passed the checks, keyed by the exact bytes of their IPC schema message:
 # every message of a topic carries the same schema, so the checks run once per schema.
-_GOOD_SCHEMAS: dict[tuple[bytes, type[Record] | None], tuple[type[Record], int]] = {}
+_GOOD_SCHEMAS: dict[tuple[bytes, type[Record] | None], tuple[type[Record], int, pa.Schema, FlatPlan | None]] = {}
 _GOOD_SCHEMAS_MAX = 256
+
+
+def _known_schema(
+    data: bytes, expected: type[Record] | None
+) -> tuple[type[Record], int, pa.Schema, FlatPlan | None] | None:
+    """The checked (class, version, schema) if ``data`` starts with a schema message that passed."""
+    if len(data) < 8:
+        return None
+    length = int.from_bytes(data[4:8], "little", signed=True)
+    if length <= 0:
+        return None
+    return _GOOD_SCHEMAS.get((data[: 8 + length], expected))
 
 
 def _checked_schema(
@@ -242,13 +285,13 @@ def _checked_schema(
     key = (schema_bytes, expected)
     hit = _GOOD_SCHEMAS.get(key)
     if hit is not None:
-        return hit
+        return hit[:2]
     cls = _record_class(schema, expected)
     version = _check_version(schema, cls)
     _check_schema(schema, cls)
     if len(_GOOD_SCHEMAS) >= _GOOD_SCHEMAS_MAX:
         _GOOD_SCHEMAS.clear()
-    _GOOD_SCHEMAS[key] = (cls, version)
+    _GOOD_SCHEMAS[key] = (cls, version, schema, FlatPlan.of(schema))
     return cls, version
 
 
@@ -341,8 +384,9 @@ _HEADER_RECORD_BATCH = 3
 _HEADER_NAMES = {0: "none", 1: "schema", 2: "dictionary batch", 3: "record batch", 4: "tensor"}
 
 
-def _check_framing(data: bytes, limits: Limits) -> None:
-    """Walk the IPC stream's messages without parsing them.
+def _check_framing(data: bytes, limits: Limits, start: int = 0) -> list[int]:
+    """Walk the IPC stream's messages without parsing them; returns where the record batch
+    messages start. ``start``: the end of a schema message already known to be good.
 
     A stream that runs out before its end-of-stream marker is truncated; bytes
     that cannot start or continue a stream are malformed.
@@ -350,8 +394,9 @@ def _check_framing(data: bytes, limits: Limits) -> None:
     n = len(data)
     if n == 0:
         raise TruncatedMessage("message is empty (0 bytes)")
-    pos = 0
-    index = 0
+    pos = start
+    index = 0 if start == 0 else 1
+    batches: list[int] = []
     while True:
         head = data[pos : pos + 8]
         if not _CONTINUATION.startswith(head[:4]):
@@ -370,7 +415,7 @@ def _check_framing(data: bytes, limits: Limits) -> None:
                 raise MalformedMessage(
                     f"{n - pos - 8} unexpected bytes after the end-of-stream marker at byte {pos}"
                 )
-            return
+            return batches
         if meta_len < 0 or meta_len > limits.max_message_bytes:
             raise MalformedMessage(f"IPC message #{index} has invalid metadata length {meta_len}")
         meta_start = pos + 8
@@ -392,6 +437,8 @@ def _check_framing(data: bytes, limits: Limits) -> None:
             raise MalformedMessage(f"IPC message #{index} has a compressed body; not accepted")
         if body_len < 0 or body_len > limits.max_message_bytes:
             raise MalformedMessage(f"IPC message #{index} has invalid body length {body_len}")
+        if index:
+            batches.append(pos)
         pos = meta_start + meta_len + body_len
         if pos > n:
             raise TruncatedMessage(
@@ -401,36 +448,44 @@ def _check_framing(data: bytes, limits: Limits) -> None:
         index += 1
 
 
+_U8, _U16, _I32, _U32, _I64 = (struct.Struct(f) for f in ("<B", "<H", "<i", "<I", "<q"))
+
+
 def _parse_message_meta(buf: bytes, index: int) -> tuple[int, int, bool]:
     """(header type, body length, compressed) of a flatbuffer ``Message`` table."""
+    size = len(buf)
 
-    def read(fmt: str, offset: int) -> int:
-        if offset < 0 or offset + struct.calcsize(fmt) > len(buf):
+    def read(fmt: struct.Struct, offset: int) -> int:
+        if offset < 0 or offset + fmt.size > size:
             raise MalformedMessage(f"IPC message #{index} has corrupt metadata (offset {offset})")
-        return struct.unpack_from(fmt, buf, offset)[0]
+        return fmt.unpack_from(buf, offset)[0]
 
-    def field_pos(table: int, slot: int) -> int | None:
-        vtable = table - read("<i", table)
-        vtable_size = read("<H", vtable)
+    def vtable(table: int) -> tuple[int, int]:
+        start = table - read(_I32, table)
+        return start, read(_U16, start)
+
+    def field_pos(table: int, table_vtable: tuple[int, int], slot: int) -> int | None:
+        start, vtable_size = table_vtable
         if 4 + 2 * slot + 2 > vtable_size:
             return None
-        offset = read("<H", vtable + 4 + 2 * slot)
+        offset = read(_U16, start + 4 + 2 * slot)
         return table + offset if offset else None
 
-    message = read("<I", 0)
+    message = read(_U32, 0)
+    message_vtable = vtable(message)
     # Message: version (slot 0), header_type (1), header (2), bodyLength (3).
-    pos = field_pos(message, 1)
-    header_type = read("<B", pos) if pos is not None else 0
-    pos = field_pos(message, 3)
-    body_len = read("<q", pos) if pos is not None else 0
+    pos = field_pos(message, message_vtable, 1)
+    header_type = read(_U8, pos) if pos is not None else 0
+    pos = field_pos(message, message_vtable, 3)
+    body_len = read(_I64, pos) if pos is not None else 0
     compressed = False
     if header_type == _HEADER_RECORD_BATCH:
-        pos = field_pos(message, 2)
+        pos = field_pos(message, message_vtable, 2)
         if pos is None:
             raise MalformedMessage(f"IPC message #{index} has no record batch header")
-        batch = pos + read("<I", pos)
+        batch = pos + read(_U32, pos)
         # RecordBatch: length (0), nodes (1), buffers (2), compression (3).
-        compressed = field_pos(batch, 3) is not None
+        compressed = field_pos(batch, vtable(batch), 3) is not None
     return header_type, body_len, compressed
 
 
@@ -464,55 +519,97 @@ def validate(record: Record, limits: Limits | None = None) -> None:
             found=version,
             supported=SUPPORTED_VERSIONS,
         )
-    for field in cls.SCHEMA:
-        _check_type(getattr(record, field.name), field, field.name, cls.ITEMS.get(field.name))
+    for spec in _field_specs(cls):
+        _check_value(getattr(record, spec.name), spec, spec.name)
     _VALIDATORS[cls](record, limits)
 
 
-def _check_type(value: Any, field: pa.Field, path: str, item_cls: type | None = None) -> None:
-    """Python type and range of one value against its Arrow field."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Spec:
+    """What one Arrow field takes, worked out once per record class (``validate`` runs per message)."""
+
+    name: str
+    kind: str  # "int", "float", "str", "bytes", "list"
+    nullable: bool
+    type_name: str
+    bound: int = 0  # ints: values lie in [-bound, bound)
+    item: _Spec | None = None  # lists of plain values
+    item_cls: type | None = None  # lists of item records...
+    item_fields: tuple[_Spec, ...] = ()  # ...and their fields
+
+
+def _spec(field: pa.Field, item_cls: type | None = None) -> _Spec:
     t = field.type
+    common = {"name": field.name, "nullable": field.nullable, "type_name": str(t)}
+    if pa.types.is_integer(t):
+        return _Spec(kind="int", bound=1 << (t.bit_width - 1), **common)
+    if pa.types.is_floating(t):
+        return _Spec(kind="float", **common)
+    if pa.types.is_string(t):
+        return _Spec(kind="str", **common)
+    if pa.types.is_binary(t):
+        return _Spec(kind="bytes", **common)
+    if pa.types.is_list(t):
+        item_field = t.value_field
+        if item_cls is None:
+            return _Spec(kind="list", item=_spec(item_field), **common)
+        return _Spec(kind="list", item_cls=item_cls, item_fields=tuple(_spec(sub) for sub in item_field.type),
+                     **common)
+    raise TypeError(f"unsupported Arrow type {t} for {field.name}")  # pragma: no cover
+
+
+_SPECS: dict[type, tuple[_Spec, ...]] = {}
+
+
+def _field_specs(cls: type[Record]) -> tuple[_Spec, ...]:
+    specs = _SPECS.get(cls)
+    if specs is None:
+        specs = _SPECS[cls] = tuple(_spec(f, cls.ITEMS.get(f.name)) for f in cls.SCHEMA)
+    return specs
+
+
+def _check_value(value: Any, spec: _Spec, path: str) -> None:
+    """Python type and range of one value against its Arrow field."""
     if value is None:
-        if field.nullable:
+        if spec.nullable:
             return
         raise InvalidField(f"{path} is required but is missing (null)", path)
-    if pa.types.is_integer(t):
+    kind = spec.kind
+    if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             raise InvalidField(f"{path} must be an int, got {type(value).__name__}", path)
-        bound = 1 << (t.bit_width - 1)
-        if not -bound <= value < bound:
-            raise InvalidField(f"{path}={value} does not fit in {t}", path)
-    elif pa.types.is_floating(t):
+        if not -spec.bound <= value < spec.bound:
+            raise InvalidField(f"{path}={value} does not fit in {spec.type_name}", path)
+    elif kind == "float":
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise InvalidField(f"{path} must be a float, got {type(value).__name__}", path)
-    elif pa.types.is_string(t):
+    elif kind == "str":
         if not isinstance(value, str):
             raise InvalidField(f"{path} must be a str, got {type(value).__name__}", path)
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidField(f"{path} is not valid Unicode text: {exc.reason}", path) from None
-    elif pa.types.is_binary(t):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidField(f"{path} is not valid Unicode text: {exc.reason}", path) from None
+    elif kind == "bytes":
         if not isinstance(value, bytes):
             raise InvalidField(f"{path} must be bytes, got {type(value).__name__}", path)
-    elif pa.types.is_list(t):
+    else:
         if not isinstance(value, tuple):
             raise InvalidField(f"{path} must be a tuple, got {type(value).__name__}", path)
-        item_field = t.value_field
+        item_cls = spec.item_cls
         for i, item in enumerate(value):
             item_path = f"{path}[{i}]"
             if item_cls is None:
-                _check_type(item, item_field, item_path)
+                _check_value(item, spec.item, item_path)
                 continue
             if not isinstance(item, item_cls):
                 raise InvalidField(
                     f"{item_path} must be a {item_cls.__name__}, got {type(item).__name__}",
                     item_path,
                 )
-            for sub in item_field.type:
-                _check_type(getattr(item, sub.name), sub, f"{item_path}.{sub.name}")
-    else:  # pragma: no cover - the schemas above use no other types
-        raise TypeError(f"unsupported Arrow type {t} for {path}")
+            for sub in spec.item_fields:
+                _check_value(getattr(item, sub.name), sub, f"{item_path}.{sub.name}")
 
 
 def _show(value: Any, limit: int = 80) -> str:
