@@ -14,7 +14,6 @@ consumers, so an aborted write would still be visible there.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,11 +45,11 @@ class ProduceFailed(RuntimeError):
 class OutputProducer:
     def __init__(self, producer: KafkaProducer) -> None:
         self._producer = producer
-        self._lock = threading.Lock()
         self._positions: OutputPositions = {}
-        self._errors: list[BaseException] = []
+        self._pending: list[tuple[object, str, bytes]] = []  # (future, topic, key) since the last flush
         self._suppress: set[tuple[str, bytes]] = set()
         self._partitions: dict[str, list[int]] = {}
+        self._partition_of: dict[tuple[str, bytes], int] = {}  # (topic, partition key) -> partition
         self.sent = 0
         self.suppressed = 0
 
@@ -67,8 +66,7 @@ class OutputProducer:
             output.topic, key=output.key, value=output.value, headers=list(output.headers),
             partition=self._partition(output),
         )
-        future.add_callback(self._acked)
-        future.add_errback(self._failed, output)
+        self._pending.append((future, output.topic, output.key))
         self.sent += 1
         return True
 
@@ -76,30 +74,38 @@ class OutputProducer:
         """The partition Kafka's default partitioner would give ``partition_key``."""
         if output.partition_key is None:
             return None
+        cached = self._partition_of.get((output.topic, output.partition_key))
+        if cached is not None:
+            return cached
         partitions = self._partitions.get(output.topic)
         if partitions is None:
             partitions = sorted(self._producer.partitions_for(output.topic))
             self._partitions[output.topic] = partitions
-        return partitions[(murmur2(output.partition_key) & 0x7FFFFFFF) % len(partitions)]
-
-    def _acked(self, metadata) -> None:
-        with self._lock:
-            partitions = self._positions.setdefault(metadata.topic, {})
-            partitions[metadata.partition] = max(partitions.get(metadata.partition, 0), metadata.offset + 1)
-
-    def _failed(self, error: BaseException, output: Output) -> None:
-        with self._lock:
-            self._errors.append(ProduceFailed(f"writing {output.key!r} to {output.topic} failed: {error}"))
+        partition = partitions[(murmur2(output.partition_key) & 0x7FFFFFFF) % len(partitions)]
+        if len(self._partition_of) >= 65536:
+            self._partition_of.clear()
+        self._partition_of[(output.topic, output.partition_key)] = partition
+        return partition
 
     def flush(self, timeout_s: float = 60.0) -> OutputPositions:
-        """Block until every output sent so far is acknowledged; return the output positions."""
+        """Block until every output sent so far is acknowledged; return the output positions.
+        Raises ``ProduceFailed`` for the first output that could not be written."""
         self._producer.flush(timeout=timeout_s)
-        with self._lock:
-            if self._errors:
-                error = self._errors[0]
-                self._errors.clear()
-                raise error
-            return {topic: dict(parts) for topic, parts in self._positions.items()}
+        pending, self._pending = self._pending, []
+        error = None
+        for future, topic, key in pending:
+            if not future.is_done:
+                error = error or ProduceFailed(f"writing {key!r} to {topic} timed out")
+            elif future.failed():
+                error = error or ProduceFailed(f"writing {key!r} to {topic} failed: {future.exception}")
+            else:
+                metadata = future.value
+                parts = self._positions.setdefault(metadata.topic, {})
+                if metadata.offset + 1 > parts.get(metadata.partition, 0):
+                    parts[metadata.partition] = metadata.offset + 1
+        if error is not None:
+            raise error
+        return {topic: dict(parts) for topic, parts in self._positions.items()}
 
     # -- the ledger ---------------------------------------------------------------------
 
