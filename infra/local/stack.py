@@ -106,6 +106,8 @@ class LocalStack:
         buckets = [self.settings.s3.bucket] + ([BROKER_BUCKET] if storage == "s3" else [])
         for bucket in buckets:
             self._retry(lambda b=bucket: store.create_bucket(b), timeout, what=f"create bucket {bucket}")
+        # SeaweedFS allocates a bucket's volume on its first write (~0.2 s): ready means ready to write
+        self._retry(lambda: store.put(".stack/ready", b"1"), timeout, what="first write")
 
         broker_port = self._broker_port(previous)
         state = StackState(broker_port, storage, s3_ports.as_list())

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import apache_beam as beam
@@ -220,14 +220,18 @@ class PartitionTask:
         self.progress_store.put(f"{self.failures_prefix}{record.offset:020d}", json.dumps(entry).encode())
         self._failures[record.offset] = entry
 
-    def recover_ledger(self, consumer_factory, output_topics: list[str]) -> int:
+    def recover_ledger(
+        self, consumer_factory, output_topics: list[str],
+        ends: Callable[[], OutputPositions] | None = None,
+    ) -> int:
         """Call once, before ``process``. A task that committed before suppresses the outputs
         written since its last commit. A task's first run records where the output topics
         end before it writes anything (progress generation 0), so that a crash before its
-        first commit still leaves a bounded window to read back."""
+        first commit still leaves a bounded window to read back. ``ends``: where they ended at
+        some time before this task's first output (default: read now)."""
         if self._progress_etag is None:
-            ends = output_ends(consumer_factory, output_topics)
-            self._write_progress(Progress(0, 0, ends))
+            found = ends() if ends is not None else output_ends(consumer_factory, output_topics)
+            self._write_progress(Progress(0, 0, found))
             return 0
         written = self.producer.load_ledger(consumer_factory, self.progress.outputs, output_topics)
         self._hold(written)
@@ -249,7 +253,8 @@ class PartitionTask:
             self._held[(w.topic, w.identity)] = _Held(source, tick, w.topic, w.partition, w.offset)
 
     def _send(self, output: Output, source: str) -> None:
-        self.producer.send(replace(output, headers=(*output.headers, (SOURCE_HEADER, source.encode()))))
+        self.producer.send(Output(output.topic, output.key, output.value,
+                                  (*output.headers, (SOURCE_HEADER, source.encode())), output.partition_key))
         if self._held:
             self._held.pop((output.topic, output.identity), None)
 
@@ -464,6 +469,9 @@ class TaskConfig:
     max_message_bytes: int = 16 * 1024 * 1024
 
 
+_ENDS_REUSE_S = 10.0
+
+
 class ExactlyOnceDoFn(beam.DoFn):
     """Beam adapter: runs a PartitionTask per input partition of the records it receives.
 
@@ -496,6 +504,7 @@ class ExactlyOnceDoFn(beam.DoFn):
         )
         self._committer = OffsetCommitter(KafkaConsumer(**c.kafka, group_id=c.group, enable_auto_commit=False))
         self._store = ObjectStore(c.s3, c.bucket)
+        self._ends: tuple[float, OutputPositions] | None = None
         self._processors: dict[str | None, tuple[StreamProcessor, SnapshotStore]] = {}
         factories = (
             dict(self.processor_factory)
@@ -535,11 +544,21 @@ class ExactlyOnceDoFn(beam.DoFn):
                 self.config.group, self._producer, self._committer, self.config.dead_letter_topic,
                 self.config.commit_every, self.config.commit_interval_s,
             )
-            found = task.recover_ledger(self._reader, [*self.config.output_topics, self.config.dead_letter_topic])
+            found = task.recover_ledger(self._reader, self._output_topics(), self._first_run_ends)
             if found:
                 log.info("partition %s:%s: %d outputs since the last commit", *key, found)
             self._tasks[key] = task
         return task
+
+    def _output_topics(self) -> list[str]:
+        return [*self.config.output_topics, self.config.dead_letter_topic]
+
+    def _first_run_ends(self) -> OutputPositions:
+        """Where the output topics ended a moment ago: the window start of a task's first run
+        (earlier than needed only widens the window; tasks built together share one read)."""
+        if self._ends is None or time.monotonic() - self._ends[0] > _ENDS_REUSE_S:
+            self._ends = (time.monotonic(), output_ends(self._reader, self._output_topics()))
+        return self._ends[1]
 
     def process(self, element: KafkaRecord | KafkaBatch) -> Iterable[None]:
         records = element.records if isinstance(element, KafkaBatch) else (element,)

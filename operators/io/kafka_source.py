@@ -174,7 +174,7 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
                     key=message.key,
                     value=message.value,
                     timestamp_ms=int(message.timestamp),
-                    headers=tuple((name, bytes(value or b"")) for name, value in message.headers or ()),
+                    headers=_headers(message.headers) if message.headers else (),
                 )
                 if record.is_end_of_stream or message.offset + 1 >= restriction.stop:
                     if not record.is_end_of_stream or self.config.emit_end_of_stream:
@@ -235,6 +235,10 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
             stamp = Timestamp.of(record.timestamp_ms / 1000.0)
             self._advance(watermark, stamp)
             yield beam.window.TimestampedValue(record, stamp)
+
+
+def _headers(headers) -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, bytes(value or b"")) for name, value in headers)
 
 
 class _PartitionsOf(beam.DoFn):
