@@ -201,11 +201,11 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
         # and read the batches against the schema already parsed
         cls, version, schema, plan = known
         schema_end = 8 + int.from_bytes(data[4:8], "little", signed=True)
-        positions = _check_framing(data, limits, start=schema_end)
-        if plan is not None and len(positions) == 1:
-            row = read_row(data, positions[0], plan)
+        if plan is not None:  # one flat batch, then the end: read without pyarrow
+            row = read_row(data, schema_end, plan)
             if row is not None:
                 return _record(cls, version, row, limits)
+        positions = _check_framing(data, limits, start=schema_end)
         buffer = pa.py_buffer(data)
         read_batches = lambda: [  # noqa: E731
             pa.ipc.read_record_batch(pa.ipc.read_message(buffer.slice(p)), schema) for p in positions

@@ -62,9 +62,12 @@ class _Unsure(Exception):
     pass
 
 
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
 def read_row(data: bytes, start: int, plan: FlatPlan) -> dict | None:
-    """The row of the record batch message at ``data[start:]`` (its framing already checked:
-    a record batch message, uncompressed, its body inside ``data``), or None."""
+    """The row of the stream's one record batch message, at ``data[start:]``, which must be
+    followed by the end-of-stream marker and nothing else; None if anything is not so."""
     try:
         return _read(data, start, plan)
     except (_Unsure, struct.error, UnicodeDecodeError, IndexError):
@@ -132,9 +135,13 @@ class _Table:
 
 
 def _read(data: bytes, start: int, plan: FlatPlan) -> dict:
+    if data[start : start + 4] != _END_OF_STREAM[:4]:
+        raise _Unsure
     meta_len = _u(_I32, data, start + 4, len(data))
     meta = start + 8
     end = body = meta + meta_len  # flatbuffer reads stay inside the metadata; the body follows
+    if meta_len <= 0 or end > len(data):
+        raise _Unsure
     # Message: version (0), header_type (1), header (2), bodyLength (3), custom_metadata (4)
     message = _Table(data, meta, end, meta)
     if message.scalar(0, _I16) != _METADATA_V5 or message.scalar(1, _U8) != _RECORD_BATCH:
@@ -143,7 +150,7 @@ def _read(data: bytes, start: int, plan: FlatPlan) -> dict:
         raise _Unsure  # custom metadata: pyarrow verifies it, this reader does not read it
     body_len = message.scalar(3, _I64)
     batch = message.table(2)
-    if body_len is None or batch is None or body_len < 0 or body + body_len > len(data):
+    if body_len is None or batch is None or body_len < 0 or data[body + body_len :] != _END_OF_STREAM:
         raise _Unsure
     # RecordBatch: length (0), nodes (1), buffers (2), compression (3), variadicBufferCounts (4)
     if batch.scalar(0, _I64) != 1:
