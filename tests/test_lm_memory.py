@@ -379,3 +379,29 @@ def test_recompute_context_rebuilds_the_full_context_from_token_ids() -> None:
     assert recompute.answer(state, question, max_new_tokens=1).token_ids == [greedy]
     with pytest.raises(ValueError, match="answer_context"):
         KVMemoryConfig(answer_context="cached")
+
+
+def test_best_last_puts_the_best_retrieved_block_right_before_the_question() -> None:
+    # context_order="best_last": sink, recent window, retrieved blocks from the lowest score to the
+    # highest, question. With recompute that is exactly the full model over the tokens in that order.
+    adapter = DecoderAdapter(tiny_llama())
+    cfg = {"window_tokens": 12, "block_tokens": 12, "retrieve_tokens": 10**6, "answer_context": "recompute"}
+    mem = KVMemory(adapter, memory_store(), config=KVMemoryConfig(**cfg, context_order="best_last"))
+    in_time = KVMemory(adapter, mem.store, config=KVMemoryConfig(**cfg))
+    sink, chunks = ids(5, 0), [ids(12, i) for i in range(1, 6)]
+    state = _prefill_chunks(mem, new_stream(), chunks, sink)
+    assert len(state.window) == 1 and len(state.index) == 4  # the last chunk recent, four retrieved
+    differs = 0
+    for seed in range(9, 40):
+        question = ids(7, seed)
+        found = mem.retrieve(state, question)
+        ranked = [chunks[e.block_index - 1] for e in sorted(found.evidence, key=lambda e: e.score)]
+        assert len(ranked) == 4
+        best_last = int(full_logits(adapter, torch.cat([sink, chunks[-1], *ranked, question]))[-1].argmax())
+        timely = int(full_logits(adapter, torch.cat([sink, *chunks, question]))[-1].argmax())
+        assert mem.answer(state, question, max_new_tokens=1).token_ids == [best_last]
+        assert in_time.answer(state, question, max_new_tokens=1).token_ids == [timely]
+        differs += best_last != timely
+    assert differs  # the two orders gave different answers at least once: the order was applied
+    with pytest.raises(ValueError, match="context_order"):
+        KVMemoryConfig(context_order="relevance")

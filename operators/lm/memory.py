@@ -54,6 +54,7 @@ from .scoring import combine_layer_scores, score_blocks, select_blocks
 STATE_FORMAT = b"streamvqa.kv.stream/1"
 MAX_TOKEN_ATTR = 12 * 1024  # token ids kept in a block's attrs when they fit (blocks' attrs <= 16 KiB)
 ANSWER_CONTEXTS = ("stored", "recompute")
+CONTEXT_ORDERS = ("time", "best_last")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class KVMemoryConfig:
     # the stored KV for blocks without token ids (frames). Costs a prefill of at most
     # retrieve_tokens + window_tokens, whatever the stream's length.
     answer_context: str = "stored"
+    # Where the retrieved blocks go: "time" (ReKV: sink, retrieved blocks in time order, then the
+    # recent window) or "best_last" (sink, window, then the retrieved blocks from the least to the
+    # most relevant, so the best block is right before the question). A small reader answers
+    # from what it read last: the recent window, or the filler blocks retrieved beside the fact
+    # (docs/kv-memory.md).
+    context_order: str = "time"
 
     def __post_init__(self) -> None:
         for name in ("window_tokens", "block_tokens", "max_new_tokens"):
@@ -86,6 +93,8 @@ class KVMemoryConfig:
             raise ValueError("retrieve_tokens must be >= 0")
         if self.answer_context not in ANSWER_CONTEXTS:
             raise ValueError(f"answer_context must be one of {ANSWER_CONTEXTS}, got {self.answer_context!r}")
+        if self.context_order not in CONTEXT_ORDERS:
+            raise ValueError(f"context_order must be one of {CONTEXT_ORDERS}, got {self.context_order!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"top_k must be None or an int >= 0, got {self.top_k!r}")
 
@@ -495,7 +504,11 @@ class KVMemory:
         t0 = time.perf_counter()
         found = self.retrieve(state, question, query_feature=query_feature)
         t3 = time.perf_counter()
-        context = [state.sink, *found.blocks, *state.window]
+        if self.config.context_order == "best_last":
+            ranked = sorted(zip(found.evidence, found.blocks, strict=True), key=lambda pair: pair[0].score)
+            context = [state.sink, *state.window, *(block for _, block in ranked)]
+        else:
+            context = [state.sink, *found.blocks, *state.window]
         if self.config.answer_context == "recompute":
             keys, values, base = self.assemble_recomputed(context)
         else:
