@@ -250,6 +250,52 @@ def test_a_tick_output_not_yet_ticked_again_holds_the_positions(stack_settings, 
     assert sorted(keys) == sorted([b"tick"] + [f"tk:{i}".encode() for i in range(20)]), keys
 
 
+class _TicksForOneStream(PassThroughProcessor):
+    """On a tick, stream "tk" writes one more output once it has frame 4 (a held question timing out)."""
+
+    def initial_state(self, stream_id: str) -> dict:
+        return {**super().initial_state(stream_id), "stream": stream_id}
+
+    def tick(self, state, now_us):
+        if state["stream"] != "tk" or state.get("ticked") or state["last_seq"] < 4:
+            return state, []
+        return {**state, "ticked": True}, [Output(self.output_topic, b"tick", b"t")]
+
+
+def test_a_tick_output_waits_for_a_tick_that_gave_its_stream_a_turn(stack_settings, endpoints) -> None:
+    """The killed run ticked stream tk after other streams' records. The restarted run ticks at that
+    position before any record of tk has loaded tk's state: that tick cannot have written tk's
+    output again, so it must not let go of it (a second restart would write it twice)."""
+    topic, out = new_topics(stack_settings, endpoints, "tick2-in", "tick2-out", partitions=1)
+    group = f"g-{topic}"
+    records = ([_record(topic, i, "tk", i) for i in range(5)] + [_record(topic, 5 + i, "ot", i) for i in range(8)]
+               + [_record(topic, 13, "tk", 5)])
+
+    def run(steps) -> PartitionTask:
+        producer = OutputProducer(connect.producer(stack_settings, endpoints))
+        task = _task(stack_settings, endpoints, topic, out, group, producer, _TicksForOneStream(out),
+                     commit_every=1000, commit_interval_s=1e9)
+        for step in steps:
+            if step == "tick":
+                task.tick()
+            elif step == "commit":
+                task.commit()
+            else:
+                task.process(records[step])
+        producer.flush()
+        producer.close()
+        return task
+
+    run([0, 1, 2, 3, 4, "commit", 5, 6, 7, 8, 9, "tick"])  # tk's output at position 10; killed
+    second = run([5, 6, 7, 8, 9, "tick", 10, 11, 12, "commit"])  # tk not loaded at that tick
+    tick_offset = next(m.offset for m in read_all(stack_settings, endpoints, out) if m.key == b"tick")
+    assert second.progress.outputs[out][0] == tick_offset
+    run([13, "tick", "commit"])
+    keys = [m.key for m in read_all(stack_settings, endpoints, out)]
+    assert sorted(keys) == sorted([b"tick", *(f"tk:{i}".encode() for i in range(6)),
+                                   *(f"ot:{i}".encode() for i in range(8))]), keys
+
+
 def test_zombie_task_is_fenced(stack_settings, endpoints) -> None:
     topic, out = new_topics(stack_settings, endpoints, "zombie-in", "zombie-out", partitions=1)
     group = f"g-{topic}"

@@ -96,6 +96,7 @@ class _Held:
     topic: str
     partition: int
     offset: int
+    stream: str | None = None  # a tick's: the stream whose turn it was
 
 
 @dataclass(frozen=True)
@@ -246,11 +247,13 @@ class PartitionTask:
                 continue  # another task's output (or one written before sources were named)
             rest = w.source[len(prefix):]
             tick = rest.startswith(b"t")
+            at, _, stream = (rest[1:] if tick else rest).partition(b"/")
             try:
-                source = int(rest[1:] if tick else rest)
+                source = int(at)
             except ValueError:
                 continue
-            self._held[(w.topic, w.identity)] = _Held(source, tick, w.topic, w.partition, w.offset)
+            self._held[(w.topic, w.identity)] = _Held(
+                source, tick, w.topic, w.partition, w.offset, stream.decode(errors="replace") if stream else None)
 
     def _send(self, output: Output, source: str) -> None:
         self.producer.send(Output(output.topic, output.key, output.value,
@@ -261,9 +264,13 @@ class PartitionTask:
     def _release(self, upto: int, tick: bool) -> None:
         """This run has processed the input at ``upto`` (or ticked at position ``upto``): what
         the killed run wrote from there is written again by now, or never will be (a snapshot
-        had absorbed it); it no longer holds the positions back."""
+        had absorbed it); it no longer holds the positions back. A tick's output is let go
+        only by a tick that gave its stream a turn (the stream's state is loaded)."""
         if self._held:
-            self._held = {k: h for k, h in self._held.items() if h.tick != tick or h.source > upto}
+            self._held = {
+                k: h for k, h in self._held.items()
+                if h.tick != tick or h.source > upto or (tick and h.stream is not None and h.stream not in self._slots)
+            }
 
     def _held_positions(self, positions: OutputPositions) -> OutputPositions:
         for held in self._held.values():
@@ -341,16 +348,15 @@ class PartitionTask:
         now_us = int(time.time() * 1e6) if now_us is None else now_us
         self._last_tick = self.clock()
         position = self.progress.next_offset if self._position is None else self._position
-        source = f"{self.topic}/{self.partition}/t{position}"
         changed = 0
-        for slot in self._slots.values():
+        for stream_id, slot in self._slots.items():
             state, outputs = tick(slot.state, now_us)
             if state is slot.state and not outputs:
                 continue
             slot.state, slot.dirty = state, True
             changed += 1
             for output in outputs:
-                self._send(output, source)
+                self._send(output, f"{self.topic}/{self.partition}/t{position}/{stream_id}")
         # the same states (or later ones) at a later time give what the killed run's tick here gave
         self._release(position, tick=True)
         if changed:

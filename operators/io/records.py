@@ -8,8 +8,8 @@ EOS_HEADER = "streamvqa-eos"
 #: An output's identity for the exactly-once ledger when its key is not unique (notes on the
 #: memory topic are keyed by stream id, like the inputs, and identified by this header).
 OUTPUT_ID_HEADER = "streamvqa-id"
-#: Which input wrote an output: ``topic/partition/offset`` of the record, or ``topic/partition/t<offset>``
-#: for a tick of that partition's task at that position. A restarted task holds its output
+#: Which input wrote an output: ``topic/partition/offset`` of the record, or
+#: ``topic/partition/t<offset>/<stream id>`` for a tick of that partition's task at that position. A restarted task holds its output
 #: positions before what its last run wrote and it has not yet written again (exactly_once.py).
 SOURCE_HEADER = "streamvqa-src"
 
