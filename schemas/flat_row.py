@@ -62,7 +62,8 @@ class _Unsure(Exception):
     pass
 
 
-_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+_CONTINUATION = b"\xff\xff\xff\xff"
+_END_OF_STREAM = _CONTINUATION + b"\x00\x00\x00\x00"
 
 
 def read_row(data: bytes, start: int, plan: FlatPlan) -> dict | None:
@@ -135,7 +136,7 @@ class _Table:
 
 
 def _read(data: bytes, start: int, plan: FlatPlan) -> dict:
-    if data[start : start + 4] != _END_OF_STREAM[:4]:
+    if data[start : start + 4] != _CONTINUATION:
         raise _Unsure
     meta_len = _u(_I32, data, start + 4, len(data))
     meta = start + 8
