@@ -17,6 +17,7 @@ finally the record's values are validated like :func:`validate` does before
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import struct
@@ -149,14 +150,9 @@ def _from_row(cls: type[Record], row: dict[str, Any]) -> Record:
     return cls(**kwargs)
 
 
-_ROW_FIELDS: dict[type, tuple[tuple[str, type | None], ...]] = {}
-
-
+@functools.cache
 def _row_fields(cls: type[Record]) -> tuple[tuple[str, type | None], ...]:
-    fields = _ROW_FIELDS.get(cls)
-    if fields is None:
-        fields = _ROW_FIELDS[cls] = tuple((f.name, cls.ITEMS.get(f.name)) for f in dataclasses.fields(cls))
-    return fields
+    return tuple((f.name, cls.ITEMS.get(f.name)) for f in dataclasses.fields(cls))
 
 
 # ------------------------------------------------------------------------ decoding
@@ -196,37 +192,29 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
             f"message is {len(data)} bytes, more than max_message_bytes={limits.max_message_bytes}"
         )
     known = _known_schema(data, expected)
-    if known is not None:
-        # the schema message is byte for byte one that passed every check: walk the rest,
-        # and read the batches against the schema already parsed
-        cls, version, schema, plan = known
-        schema_end = 8 + int.from_bytes(data[4:8], "little", signed=True)
-        if plan is not None:  # one flat batch, then the end: read without pyarrow
-            row = read_row(data, schema_end, plan)
-            if row is not None:
-                return _record(cls, version, row, limits)
-        positions = _check_framing(data, limits, start=schema_end)
-        buffer = pa.py_buffer(data)
-        read_batches = lambda: [  # noqa: E731
-            pa.ipc.read_record_batch(pa.ipc.read_message(buffer.slice(p)), schema) for p in positions
-        ]
-    else:
-        _check_framing(data, limits)
-        try:
-            reader = pa.ipc.open_stream(pa.py_buffer(data))
-            schema = reader.schema
-            _ = schema.names  # field names must be UTF-8; fail here rather than mid-comparison
-        except UnicodeDecodeError as exc:
-            raise MalformedMessage(
-                f"corrupt Arrow IPC schema: a field name is not UTF-8: {exc}"
-            ) from exc
-        except Exception as exc:
-            raise MalformedMessage(f"corrupt Arrow IPC schema message: {exc}") from exc
-        cls, version = _checked_schema(data, schema, expected)
-        read_batches = lambda: list(reader)  # noqa: E731
+    if known is not None and known[2] is not None:
+        # the schema message is byte for byte a flat one that passed every check: read its one
+        # batch without pyarrow (anything the reader does not vouch for takes the path below)
+        cls, version, plan = known
+        row = read_row(data, 8 + int.from_bytes(data[4:8], "little", signed=True), plan)
+        if row is not None:
+            return _record(cls, version, row, limits)
+    _check_framing(data, limits)
 
     try:
-        batches = read_batches()
+        reader = pa.ipc.open_stream(pa.py_buffer(data))
+        schema = reader.schema
+        _ = schema.names  # field names must be UTF-8; fail here rather than mid-comparison
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(
+            f"corrupt Arrow IPC schema: a field name is not UTF-8: {exc}"
+        ) from exc
+    except Exception as exc:
+        raise MalformedMessage(f"corrupt Arrow IPC schema message: {exc}") from exc
+    cls, version = _checked_schema(data, schema, expected)
+
+    try:
+        batches = list(reader)
         for batch in batches:
             # Full validation (offsets, UTF-8, lengths) before any value is read: without
             # it, corrupt offsets make to_pylist read out of bounds and crash the process.
@@ -260,14 +248,12 @@ def _record(cls: type[Record], version: int, row: dict[str, Any], limits: Limits
 
 # Schemas that passed the checks, keyed by the exact bytes of their IPC schema message:
 # every message of a topic carries the same schema, so the checks run once per schema.
-_GOOD_SCHEMAS: dict[tuple[bytes, type[Record] | None], tuple[type[Record], int, pa.Schema, FlatPlan | None]] = {}
+_GOOD_SCHEMAS: dict[tuple[bytes, type[Record] | None], tuple[type[Record], int, FlatPlan | None]] = {}
 _GOOD_SCHEMAS_MAX = 256
 
 
-def _known_schema(
-    data: bytes, expected: type[Record] | None
-) -> tuple[type[Record], int, pa.Schema, FlatPlan | None] | None:
-    """The checked (class, version, schema) if ``data`` starts with a schema message that passed."""
+def _known_schema(data: bytes, expected: type[Record] | None) -> tuple[type[Record], int, FlatPlan | None] | None:
+    """The checked (class, version, flat plan) if ``data`` starts with a schema message that passed."""
     if len(data) < 8:
         return None
     length = int.from_bytes(data[4:8], "little", signed=True)
@@ -291,7 +277,7 @@ def _checked_schema(
     _check_schema(schema, cls)
     if len(_GOOD_SCHEMAS) >= _GOOD_SCHEMAS_MAX:
         _GOOD_SCHEMAS.clear()
-    _GOOD_SCHEMAS[key] = (cls, version, schema, FlatPlan.of(schema))
+    _GOOD_SCHEMAS[key] = (cls, version, FlatPlan.of(schema))
     return cls, version
 
 
@@ -384,9 +370,8 @@ _HEADER_RECORD_BATCH = 3
 _HEADER_NAMES = {0: "none", 1: "schema", 2: "dictionary batch", 3: "record batch", 4: "tensor"}
 
 
-def _check_framing(data: bytes, limits: Limits, start: int = 0) -> list[int]:
-    """Walk the IPC stream's messages without parsing them; returns where the record batch
-    messages start. ``start``: the end of a schema message already known to be good.
+def _check_framing(data: bytes, limits: Limits) -> None:
+    """Walk the IPC stream's messages without parsing them.
 
     A stream that runs out before its end-of-stream marker is truncated; bytes
     that cannot start or continue a stream are malformed.
@@ -394,9 +379,8 @@ def _check_framing(data: bytes, limits: Limits, start: int = 0) -> list[int]:
     n = len(data)
     if n == 0:
         raise TruncatedMessage("message is empty (0 bytes)")
-    pos = start
-    index = 0 if start == 0 else 1
-    batches: list[int] = []
+    pos = 0
+    index = 0
     while True:
         head = data[pos : pos + 8]
         if not _CONTINUATION.startswith(head[:4]):
@@ -415,7 +399,7 @@ def _check_framing(data: bytes, limits: Limits, start: int = 0) -> list[int]:
                 raise MalformedMessage(
                     f"{n - pos - 8} unexpected bytes after the end-of-stream marker at byte {pos}"
                 )
-            return batches
+            return
         if meta_len < 0 or meta_len > limits.max_message_bytes:
             raise MalformedMessage(f"IPC message #{index} has invalid metadata length {meta_len}")
         meta_start = pos + 8
@@ -437,8 +421,6 @@ def _check_framing(data: bytes, limits: Limits, start: int = 0) -> list[int]:
             raise MalformedMessage(f"IPC message #{index} has a compressed body; not accepted")
         if body_len < 0 or body_len > limits.max_message_bytes:
             raise MalformedMessage(f"IPC message #{index} has invalid body length {body_len}")
-        if index:
-            batches.append(pos)
         pos = meta_start + meta_len + body_len
         if pos > n:
             raise TruncatedMessage(
@@ -558,14 +540,9 @@ def _spec(field: pa.Field, item_cls: type | None = None) -> _Spec:
     raise TypeError(f"unsupported Arrow type {t} for {field.name}")  # pragma: no cover
 
 
-_SPECS: dict[type, tuple[_Spec, ...]] = {}
-
-
+@functools.cache
 def _field_specs(cls: type[Record]) -> tuple[_Spec, ...]:
-    specs = _SPECS.get(cls)
-    if specs is None:
-        specs = _SPECS[cls] = tuple(_spec(f, cls.ITEMS.get(f.name)) for f in cls.SCHEMA)
-    return specs
+    return tuple(_spec(f, cls.ITEMS.get(f.name)) for f in cls.SCHEMA)
 
 
 def _check_value(value: Any, spec: _Spec, path: str) -> None:

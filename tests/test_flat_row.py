@@ -42,8 +42,8 @@ def _pyarrow_row(data: bytes) -> dict:
 
 def _fast_row(data: bytes, cls) -> dict | None:
     known = _known_schema(data, cls)
-    assert known is not None and known[3] is not None
-    return read_row(data, 8 + int.from_bytes(data[4:8], "little", signed=True), known[3])
+    assert known is not None and known[2] is not None
+    return read_row(data, 8 + int.from_bytes(data[4:8], "little", signed=True), known[2])
 
 
 @pytest.mark.parametrize("record", _records(), ids=lambda r: type(r).__name__)

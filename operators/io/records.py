@@ -9,8 +9,9 @@ EOS_HEADER = "streamvqa-eos"
 #: memory topic are keyed by stream id, like the inputs, and identified by this header).
 OUTPUT_ID_HEADER = "streamvqa-id"
 #: Which input wrote an output: ``topic/partition/offset`` of the record, or
-#: ``topic/partition/t<offset>/<stream id>`` for a tick of that partition's task at that position. A restarted task holds its output
-#: positions before what its last run wrote and it has not yet written again (exactly_once.py).
+#: ``topic/partition/t<offset>/<stream id>`` for a tick of that partition's task at that position.
+#: A restarted task holds its output positions before what its last run wrote and it has not yet
+#: written again (exactly_once.py).
 SOURCE_HEADER = "streamvqa-src"
 
 
