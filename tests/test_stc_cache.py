@@ -119,6 +119,158 @@ def test_matches_a_direct_transcription_of_the_rule(base, bikes) -> None:
     assert (out.tokens[1:2] - full).abs().max() > 1e-2
 
 
+def _reference_input_similarity_forward(
+    vit, x_ref: torch.Tensor, x: torch.Tensor, ratio: float
+) -> torch.Tensor:
+    """The rule with ``similarity="input"``, transcribed with masks: tokens are compared by their
+    layer input; the recomputed ones get fresh Q, K, V; the others keep the reference's K and V."""
+    p = 1
+    cache = []
+    for blk in vit.blocks:
+        q, k, v = blk.qkv(x_ref)
+        a = blk.attention_output(q, k, v)
+        x_in = x_ref
+        x_ref = x_ref + blk.ls1(a)
+        m = blk.mlp(x_ref)
+        x_ref = x_ref + blk.ls2(m)
+        cache.append((x_in, k, v, a, m))
+    n_up = math.ceil(ratio * (x.shape[1] - p))
+    for blk, (x_in, k_ref, v_ref, a_ref, m_ref) in zip(vit.blocks, cache, strict=True):
+        sims = F.cosine_similarity(x[0, p:], x_in[0, p:], dim=-1).numpy()
+        upd = torch.zeros(x.shape[1], dtype=torch.bool)
+        upd[:p] = True
+        upd[torch.from_numpy(np.argsort(sims, kind="stable")[:n_up] + p)] = True
+        q, k, v = blk.qkv(x)
+        mask = upd[None, None, :, None]
+        a = torch.where(
+            upd[None, :, None],
+            blk.attention_output(q, torch.where(mask, k, k_ref), torch.where(mask, v, v_ref)),
+            a_ref,
+        )
+        x = x + blk.ls1(a)
+        x = x + blk.ls2(torch.where(upd[None, :, None], blk.mlp(x), m_ref))
+    return vit.norm(x)
+
+
+def test_input_similarity_matches_a_direct_transcription(base, bikes) -> None:
+    enc = cached(base, cache_interval=4, update_token_ratio=0.25, similarity="input")
+    out = enc.encode(bikes[:3])
+    assert [s.reason for s in enc.last_stats] == ["first", "cached", "cached"]
+    assert set(enc.state().arrays()) == {"k", "v", "delta", "xin"}
+    pixels = enc.preprocess(bikes[:3])
+    with torch.inference_mode():
+        x0 = base.vit.embed(pixels)
+        for i in (1, 2):
+            expected = _reference_input_similarity_forward(base.vit, x0[:1], x0[i : i + 1], 0.25)
+            torch.testing.assert_close(out.tokens[i : i + 1], expected, atol=2e-4, rtol=1e-4)
+        full = base.vit(pixels[1:3])
+    assert (out.tokens[1:3] - full).abs().max() > 1e-2  # the cache is really used
+    key = cached(base, cache_interval=4, update_token_ratio=0.25).encode(bikes[:3])
+    assert (out.tokens[1:3] - key.tokens[1:3]).abs().max() > 1e-3  # and it is not the key rule
+
+
+def test_centre_reference_sits_in_the_middle_of_its_group(base, bikes) -> None:
+    enc = cached(base, cache_interval=4, update_token_ratio=0.25, reference="centre")
+    out = enc.encode(bikes[:8])
+    stats = enc.last_stats
+    assert [s.index for s in stats if s.reference] == [1, 5]
+    assert [s.reason for s in stats] == [
+        "cached",
+        "first",
+        "cached",
+        "cached",
+        "cached",
+        "interval",
+        "cached",
+        "cached",
+    ]
+    st = enc.state()
+    assert (st.frames, st.since_reference, st.references) == (8, 4, 2)  # the group of frame 5 is full
+    # frame 0 was encoded against frame 1, frame 4 against frame 5, 6 and 7 against 5
+    first = cached(base, cache_interval=4, update_token_ratio=0.25)
+    pairs = {0: 1, 2: 1, 3: 1, 4: 5, 6: 5, 7: 5}
+    for frame, ref in pairs.items():
+        one = first.encode(bikes[[ref, frame]], stream_id=f"{frame}")
+        torch.testing.assert_close(out.tokens[frame], one.tokens[1], atol=1e-4, rtol=1e-4)
+    for ref in (1, 5):
+        torch.testing.assert_close(
+            out.tokens[ref],
+            Dinov2Encoder(base.vit, preprocess=SMALL).encode(bikes[ref : ref + 1]).tokens[0],
+            atol=1e-4,
+            rtol=1e-4,
+        )
+    # the next call starts a new group: its reference is the call's second frame
+    enc.encode(bikes[:3])
+    assert [s.reason for s in enc.last_stats] == ["cached", "interval", "cached"]
+    assert [s.index for s in enc.last_stats if s.reference] == [9]
+
+
+def test_centre_reference_with_one_frame_calls_is_the_first_frame(base, bikes) -> None:
+    """Without frames ahead in the call a group's reference is its first frame, as in the paper."""
+    centre = cached(base, cache_interval=3, update_token_ratio=0.25, reference="centre")
+    first = cached(base, cache_interval=3, update_token_ratio=0.25)
+    a = torch.cat([centre.encode(bikes[i : i + 1]).tokens for i in range(6)])
+    b = torch.cat([first.encode(bikes[i : i + 1]).tokens for i in range(6)])
+    assert torch.equal(a, b)
+    # a call of 2 frames at a group start puts the reference on its last frame
+    enc = cached(base, cache_interval=5, update_token_ratio=0.25, reference="centre")
+    enc.encode(bikes[:2])
+    assert [s.reference for s in enc.last_stats] == [False, True]
+    enc.encode(bikes[2:6])  # 3 more of the group of 5, then a group whose reference is the call's last frame
+    assert [s.reference for s in enc.last_stats] == [False, False, False, True]
+    assert enc.state().since_reference == 1
+
+
+def _reference_call_budget_forward(vit, x_ref: torch.Tensor, x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``budget="call"`` transcribed with masks: frames x (B, T, D) against one reference share
+    ceil(ratio * N) * B recomputed tokens per layer, the least similar keys of any frame."""
+    p = 1
+    cache = []
+    for blk in vit.blocks:
+        q, k, v = blk.qkv(x_ref)
+        a = blk.attention_output(q, k, v)
+        x_ref = x_ref + blk.ls1(a)
+        m = blk.mlp(x_ref)
+        x_ref = x_ref + blk.ls2(m)
+        cache.append((k, v, a, m))
+    b, t, _ = x.shape
+    n_up = math.ceil(ratio * (t - p)) * b
+    for blk, (k_ref, v_ref, a_ref, m_ref) in zip(vit.blocks, cache, strict=True):
+        q, k, v = blk.qkv(x)
+        kf, kr = k.transpose(1, 2).flatten(2), k_ref.transpose(1, 2).flatten(2)  # (B, T, D), (1, T, D)
+        sims = F.cosine_similarity(kf[:, p:], kr[:, p:], dim=-1).reshape(-1).numpy()
+        patch = torch.zeros(b * (t - p), dtype=torch.bool)
+        patch[torch.from_numpy(np.argsort(sims, kind="stable")[:n_up])] = True
+        upd = torch.cat([torch.ones(b, p, dtype=torch.bool), patch.view(b, t - p)], dim=1)  # (B, T)
+        a_all = blk.attention_output(q, k, torch.where(upd[:, None, :, None], v, v_ref))
+        x = x + blk.ls1(torch.where(upd[..., None], a_all, a_ref))
+        x = x + blk.ls2(torch.where(upd[..., None], blk.mlp(x), m_ref))
+    return vit.norm(x)
+
+
+def test_call_budget_goes_to_the_frames_that_changed(base, bikes) -> None:
+    frames = np.stack([bikes[0], bikes[0], bikes[3], bikes[6]])  # reference, the same frame, two later ones
+    enc = cached(base, cache_interval=8, update_token_ratio=0.25, budget="call")
+    out = enc.encode(frames)
+    stats = enc.last_stats
+    assert stats[0].reference and not any(s.reference for s in stats[1:])
+    for layer in range(12):  # the call's budget: 3 cached frames x 16 patches, plus each frame's CLS
+        assert sum(s.recomputed[layer] for s in stats[1:]) == 3 * (1 + 16)
+    assert stats[1].recomputed == [1] * 12  # the unchanged frame gives its share away
+    assert (
+        sum(stats[3].recomputed) > 12 * 17
+    )  # the frame farthest from the reference gets more than its share
+    with torch.inference_mode():
+        x0 = base.vit.embed(enc.preprocess(frames))
+        expected = _reference_call_budget_forward(base.vit, x0[:1], x0[1:], 0.25)
+    torch.testing.assert_close(out.tokens[1:], expected, atol=2e-4, rtol=1e-4)
+    # one frame per call: the same as the paper's per-frame budget
+    per_call = cached(base, cache_interval=8, update_token_ratio=0.25, budget="call")
+    per_frame = cached(base, cache_interval=8, update_token_ratio=0.25)
+    a = torch.cat([per_call.encode(frames[i : i + 1]).tokens for i in range(4)])
+    assert torch.equal(a, torch.cat([per_frame.encode(frames[i : i + 1]).tokens for i in range(4)]))
+
+
 def test_fidelity_on_real_video_at_224(base, phone) -> None:
     full = base.encode(phone)
     enc = STCCachedEncoder(base.vit, config=STCCacheConfig(cache_interval=4, update_token_ratio=0.25))
@@ -180,14 +332,33 @@ def test_state_round_trip_gives_identical_outputs(base, bikes) -> None:
     assert [s.to_dict() for s in enc.last_stats] == [s.to_dict() for s in other.last_stats]
     st = STCCacheState.from_bytes(blob)
     assert st.frames == before.frames == 2 and st.since_reference == before.since_reference == 2
-    assert all(torch.equal(getattr(st, n), getattr(before, n)) for n in ("k", "v", "attn", "mlp"))
-    assert st.nbytes() == 4 * 12 * 65 * 384 * 4  # bounded: one reference frame
+    assert set(st.arrays()) == {"k", "v", "delta"}
+    assert all(torch.equal(getattr(st, n), getattr(before, n)) for n in ("k", "v", "delta"))
+    assert st.nbytes() == 3 * 12 * 65 * 384 * 4  # bounded: one reference frame
     with pytest.raises(ValueError, match="another configuration"):
         cached(base, update_token_ratio=0.5).restore(blob)
     with pytest.raises(ValueError):
         STCCacheState.from_bytes(blob[:-4])
     with pytest.raises(ValueError):
         STCCacheState.from_bytes(b"junk" + blob)
+    with pytest.raises(ValueError, match="older format"):
+        STCCacheState.from_bytes(b"STCC1\n" + blob[6:])
+    forged = blob.replace(b'"name": "delta"', b'"name": "evil!"')
+    with pytest.raises(ValueError, match="unknown array"):
+        STCCacheState.from_bytes(forged)
+
+
+def test_state_round_trip_with_input_similarity(base, bikes) -> None:
+    enc = cached(base, cache_interval=4, update_token_ratio=0.25, similarity="input")
+    enc.encode(bikes[:2], stream_id="a")
+    blob = enc.snapshot("a")
+    first = enc.encode(bikes[2:5], stream_id="a")
+    other = cached(base, cache_interval=4, update_token_ratio=0.25, similarity="input")
+    other.restore(blob, stream_id="a")
+    assert torch.equal(first.tokens, other.encode(bikes[2:5], stream_id="a").tokens)
+    assert STCCacheState.from_bytes(blob).nbytes() == 4 * 12 * 65 * 384 * 4
+    with pytest.raises(ValueError, match="another configuration"):
+        cached(base, cache_interval=4, update_token_ratio=0.25).restore(blob)
 
 
 def test_streams_are_isolated_bounded_and_batching_does_not_matter(base, bikes, phone) -> None:
@@ -247,6 +418,11 @@ def test_registry_and_config_validation(base) -> None:
         {"mode": "magic"},
         {"update_token_ratio": 1.5},
         {"min_ratio": 0.5, "max_ratio": 0.2},
+        {"similarity": "pixels"},
+        {"reference": "last"},
+        {"reference": "centre", "mode": "adaptive"},
+        {"budget": "all"},
+        {"budget": "call", "mode": "adaptive"},
     ):
         with pytest.raises(ValueError):
             STCCacheConfig(**bad)

