@@ -505,16 +505,20 @@ class STCCachedEncoder(Dinov2Encoder):
         return max(lo, min(hi, below)), below > cfg.cut_fraction * n_patch
 
     @staticmethod
-    def _reference_rows(
-        state: STCCacheState, refs: tuple[list[dict[str, torch.Tensor]], list[int]] | None, li: int
-    ) -> dict[str, torch.Tensor]:
-        """Layer ``li`` of each frame's reference: (T, D) when all frames share one, else (B, T, D)."""
+    def _reference_groups(
+        state: STCCacheState, refs: tuple[list[dict[str, torch.Tensor]], list[int]] | None, b: int
+    ) -> list[tuple[int, int, dict[str, torch.Tensor]]]:
+        """(first frame, end, reference arrays) per run of frames sharing a reference (time order
+        puts them next to each other), so each run works on views of its reference, not copies."""
         if refs is None:
-            return {name: t[li] for name, t in state.arrays().items()}
+            return [(0, b, state.arrays())]
         pool, ids = refs
-        if all(i == ids[0] for i in ids):
-            return {name: t[li] for name, t in pool[ids[0]].items()}
-        return {name: torch.stack([pool[i][name][li] for i in ids]) for name in pool[ids[0]]}
+        groups, start = [], 0
+        for i in range(1, b + 1):
+            if i == b or ids[i] != ids[start]:
+                groups.append((start, i, pool[ids[start]]))
+                start = i
+        return groups
 
     def _select(self, sims: torch.Tensor, n_up: int, p: int) -> torch.Tensor:
         """(B, N) similarities -> (B, P + N) mask of the tokens to recompute (prefix always)."""
@@ -552,19 +556,32 @@ class STCCachedEncoder(Dinov2Encoder):
         x = x.contiguous().clone()  # updated in place
         flat_x = x.view(b * t, d)
 
-        def per_frame(ref: torch.Tensor) -> torch.Tensor:  # (B, T, D) to write fresh rows into
-            # a shared (T, D) reference is copied per frame; a (B, T, D) one is already a fresh stack
-            return ref.expand(b, t, d).clone(memory_format=torch.contiguous_format) if ref.dim() == 2 else ref
+        groups = self._reference_groups(state, refs, b)
+
+        def per_frame(
+            name: str, li: int
+        ) -> torch.Tensor:  # (B, T, D) copy of the references, to write rows into
+            out = x.new_empty((b, t, d))
+            for g0, g1, arrays in groups:
+                out[g0:g1] = arrays[name][li]
+            return out
+
+        def similarity(ours: torch.Tensor, name: str, li: int) -> torch.Tensor:  # (B, N) to the references
+            return torch.cat(
+                [
+                    token_cosine(ours[g0:g1, p:], arrays[name][li, p:], backend=cfg.backend)
+                    for g0, g1, arrays in groups
+                ]
+            )
 
         for li, blk in enumerate(self.vit.blocks):
-            ref = self._reference_rows(state, refs, li)
             heads, hd = blk.num_heads, blk.head_dim
             if cfg.similarity == "key":
                 h = blk.norm1(x)
                 k = blk.key(h)  # (B, T, D): every token
-                sims = token_cosine(k[:, p:], ref["k"][..., p:, :], backend=cfg.backend)
+                sims = similarity(k, "k", li)
             else:
-                sims = token_cosine(x[:, p:], ref["xin"][..., p:, :], backend=cfg.backend)
+                sims = similarity(x, "xin", li)
             n_up, cut = self._n_update(sims, n_patch)
             if li == 0 and cut:
                 return None
@@ -578,7 +595,7 @@ class STCCachedEncoder(Dinov2Encoder):
             counts = mask.sum(dim=1).tolist()
             rows = mask.reshape(-1).nonzero().squeeze(1)  # the selected tokens as rows of the flattened batch
             x_sel = flat_x.index_select(0, rows)
-            values = per_frame(ref["v"])
+            values = per_frame("v", li)
             if cfg.similarity == "key":
                 h_sel = h.reshape(b * t, d).index_select(0, rows)
                 q_sel = blk.query(h_sel)
@@ -587,7 +604,7 @@ class STCCachedEncoder(Dinov2Encoder):
             else:
                 w, bias = self._qkv_weights(li, blk)
                 q_sel, k_sel, v_sel = F.linear(blk.norm1(x_sel), w, bias).split(d, dim=-1)
-                keys = per_frame(ref["k"])
+                keys = per_frame("k", li)
                 keys.view(b * t, d).index_copy_(0, rows, k_sel)
                 values.view(b * t, d).index_copy_(0, rows, v_sel)
             kh = keys.view(b, t, heads, hd).transpose(1, 2)
@@ -605,7 +622,8 @@ class STCCachedEncoder(Dinov2Encoder):
                 a_sel = torch.cat(parts)
             x_sel = x_sel + blk.ls1(a_sel)
             x_sel = x_sel + blk.ls2(blk.mlp(x_sel))
-            x += ref["delta"]  # every token: the reference's update ...
+            for g0, g1, arrays in groups:  # every token: the reference's update ...
+                x[g0:g1] += arrays["delta"][li]
             flat_x.index_copy_(0, rows, x_sel)  # ... except the recomputed ones
             for r, c in zip(recomputed, counts, strict=True):
                 r.append(c)
