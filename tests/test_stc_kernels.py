@@ -48,6 +48,21 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     b = STCPruner(STCPruneConfig(tokens_per_frame=9, backend="torch"))
     for fa, fb in zip(a.prune(a.init_state(), t, (6, 8)), b.prune(b.init_state(), t, (6, 8))):
         assert torch.equal(fa.index, fb.index)
+    from streamvqa.operators.vision import STCCacheConfig, STCCachedEncoder
+    from streamvqa.operators.vision.vit import ViT, ViTConfig
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(embed_dim=32, depth=2, num_heads=2, pos_grid=4)).eval()
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    px = torch.randn(6, 3, 56, 56, generator=g)
+    px[1] = px[0] + 0.05 * torch.randn(3, 56, 56, generator=g)
+    for extra in ({}, {"similarity": "input", "reference": "centre", "budget": "call"}):
+        outs = []
+        for backend in ("triton", "torch"):
+            cfg = STCCacheConfig(cache_interval=4, update_token_ratio=0.3, backend=backend, **extra)
+            enc = STCCachedEncoder(vit, config=cfg)
+            outs.append(enc.forward_stream(px, enc.state("s")))
+        assert torch.allclose(outs[0], outs[1], atol=1e-5), (extra, (outs[0] - outs[1]).abs().max())
     print("ok")
     """
 )
