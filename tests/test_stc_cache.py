@@ -75,17 +75,23 @@ def test_repeated_frame_with_small_ratio_equals_full_and_skips_work(base, bikes)
     assert s[1].skipped_fraction == pytest.approx(1 - 17 / t)
 
 
+def _reference_layers(vit, x_ref: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The reference frame in full: per layer its input, K, V, attention and MLP outputs."""
+    cache = []
+    for blk in vit.blocks:
+        q, k, v = blk.qkv(x_ref)
+        a = blk.attention_output(q, k, v)
+        x_in, x_ref = x_ref, x_ref + blk.ls1(a)
+        m = blk.mlp(x_ref)
+        x_ref = x_ref + blk.ls2(m)
+        cache.append((x_in, k, v, a, m))
+    return cache
+
+
 def _reference_cached_forward(vit, x_ref: torch.Tensor, x: torch.Tensor, ratio: float) -> torch.Tensor:
     """A direct transcription of the STC-Cacher rule, token masks instead of gathers (one frame)."""
     p = 1
-    cache = []
-    for blk in vit.blocks:  # the reference frame, in full
-        q, k, v = blk.qkv(x_ref)
-        a = blk.attention_output(q, k, v)
-        x_ref = x_ref + blk.ls1(a)
-        m = blk.mlp(x_ref)
-        x_ref = x_ref + blk.ls2(m)
-        cache.append((k, v, a, m))
+    cache = [c[1:] for c in _reference_layers(vit, x_ref)]
     n = x.shape[1] - p
     n_up = math.ceil(ratio * n)
     for blk, (k_ref, v_ref, a_ref, m_ref) in zip(vit.blocks, cache, strict=True):
@@ -105,35 +111,13 @@ def _reference_cached_forward(vit, x_ref: torch.Tensor, x: torch.Tensor, ratio: 
     return vit.norm(x)
 
 
-def test_matches_a_direct_transcription_of_the_rule(base, bikes) -> None:
-    enc = cached(base, cache_interval=4, update_token_ratio=0.25)
-    out = enc.encode(bikes[:3])
-    pixels = enc.preprocess(bikes[:3])
-    with torch.inference_mode():
-        x0 = base.vit.embed(pixels)
-        for i in (1, 2):
-            expected = _reference_cached_forward(base.vit, x0[:1], x0[i : i + 1], 0.25)
-            torch.testing.assert_close(out.tokens[i : i + 1], expected, atol=2e-4, rtol=1e-4)
-        full = base.vit(pixels[1:2])
-    # and it is not the full recompute (the cache is really used on a moving scene)
-    assert (out.tokens[1:2] - full).abs().max() > 1e-2
-
-
 def _reference_input_similarity_forward(
     vit, x_ref: torch.Tensor, x: torch.Tensor, ratio: float
 ) -> torch.Tensor:
     """The rule with ``similarity="input"``, transcribed with masks: tokens are compared by their
     layer input; the recomputed ones get fresh Q, K, V; the others keep the reference's K and V."""
     p = 1
-    cache = []
-    for blk in vit.blocks:
-        q, k, v = blk.qkv(x_ref)
-        a = blk.attention_output(q, k, v)
-        x_in = x_ref
-        x_ref = x_ref + blk.ls1(a)
-        m = blk.mlp(x_ref)
-        x_ref = x_ref + blk.ls2(m)
-        cache.append((x_in, k, v, a, m))
+    cache = _reference_layers(vit, x_ref)
     n_up = math.ceil(ratio * (x.shape[1] - p))
     for blk, (x_in, k_ref, v_ref, a_ref, m_ref) in zip(vit.blocks, cache, strict=True):
         sims = F.cosine_similarity(x[0, p:], x_in[0, p:], dim=-1).numpy()
@@ -152,21 +136,32 @@ def _reference_input_similarity_forward(
     return vit.norm(x)
 
 
-def test_input_similarity_matches_a_direct_transcription(base, bikes) -> None:
-    enc = cached(base, cache_interval=4, update_token_ratio=0.25, similarity="input")
+@pytest.mark.parametrize("similarity", ["key", "input"])
+def test_matches_a_direct_transcription_of_the_rule(base, bikes, similarity) -> None:
+    transcription = {"key": _reference_cached_forward, "input": _reference_input_similarity_forward}[
+        similarity
+    ]
+    enc = cached(base, cache_interval=4, update_token_ratio=0.25, similarity=similarity)
     out = enc.encode(bikes[:3])
     assert [s.reason for s in enc.last_stats] == ["first", "cached", "cached"]
-    assert set(enc.state().arrays()) == {"k", "v", "delta", "xin"}
+    expected_arrays = {"k", "v", "delta", "xin"} if similarity == "input" else {"k", "v", "delta"}
+    assert set(enc.state().arrays()) == expected_arrays
     pixels = enc.preprocess(bikes[:3])
     with torch.inference_mode():
         x0 = base.vit.embed(pixels)
         for i in (1, 2):
-            expected = _reference_input_similarity_forward(base.vit, x0[:1], x0[i : i + 1], 0.25)
+            expected = transcription(base.vit, x0[:1], x0[i : i + 1], 0.25)
             torch.testing.assert_close(out.tokens[i : i + 1], expected, atol=2e-4, rtol=1e-4)
         full = base.vit(pixels[1:3])
-    assert (out.tokens[1:3] - full).abs().max() > 1e-2  # the cache is really used
-    key = cached(base, cache_interval=4, update_token_ratio=0.25).encode(bikes[:3])
-    assert (out.tokens[1:3] - key.tokens[1:3]).abs().max() > 1e-3  # and it is not the key rule
+    # and it is not the full recompute (the cache is really used on a moving scene)
+    assert (out.tokens[1:3] - full).abs().max() > 1e-2
+    other = cached(
+        base,
+        cache_interval=4,
+        update_token_ratio=0.25,
+        similarity={"key": "input", "input": "key"}[similarity],
+    )
+    assert (out.tokens[1:3] - other.encode(bikes[:3]).tokens[1:3]).abs().max() > 1e-3  # the rules differ
 
 
 def test_centre_reference_sits_in_the_middle_of_its_group(base, bikes) -> None:
@@ -225,14 +220,7 @@ def _reference_call_budget_forward(vit, x_ref: torch.Tensor, x: torch.Tensor, ra
     """``budget="call"`` transcribed with masks: frames x (B, T, D) against one reference share
     ceil(ratio * N) * B recomputed tokens per layer, the least similar keys of any frame."""
     p = 1
-    cache = []
-    for blk in vit.blocks:
-        q, k, v = blk.qkv(x_ref)
-        a = blk.attention_output(q, k, v)
-        x_ref = x_ref + blk.ls1(a)
-        m = blk.mlp(x_ref)
-        x_ref = x_ref + blk.ls2(m)
-        cache.append((k, v, a, m))
+    cache = [c[1:] for c in _reference_layers(vit, x_ref)]
     b, t, _ = x.shape
     n_up = math.ceil(ratio * (t - p)) * b
     for blk, (k_ref, v_ref, a_ref, m_ref) in zip(vit.blocks, cache, strict=True):
