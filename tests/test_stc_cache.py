@@ -200,6 +200,41 @@ def test_centre_reference_sits_in_the_middle_of_its_group(base, bikes) -> None:
     assert [s.index for s in enc.last_stats if s.reference] == [9]
 
 
+def test_scene_groups_end_at_a_cut_and_carry_across_calls(base, bikes, phone) -> None:
+    # patch-embedding cosine to the first bikes frame: 0.92 to 0.96 for bikes, 0.43 for the phone clip
+    cfg = {"cache_interval": 8, "update_token_ratio": 0.25, "reference": "scene", "scene_threshold": 0.7}
+    enc = cached(base, **cfg)
+    frames = [*bikes[:3], *phone[:3]]  # two sizes: a list
+    out = enc.encode(frames)
+    assert [s.reason for s in enc.last_stats] == ["cached", "first", "cached", "cached", "scene", "cached"]
+    first = cached(base, cache_interval=8, update_token_ratio=0.25)
+    for frame, ref in {0: 1, 2: 1, 3: 4, 5: 4}.items():  # each frame against the middle of its scene
+        one = first.encode([frames[ref], frames[frame]], stream_id=f"{frame}")
+        torch.testing.assert_close(out.tokens[frame], one.tokens[1], atol=1e-4, rtol=1e-4)
+    st = enc.state()
+    assert (st.since_reference, st.references) == (3, 2) and st.anchor is not None
+    enc.encode(phone[3:4])  # the phone scene goes on: cached against frame 4
+    assert [s.reason for s in enc.last_stats] == ["cached"] and enc.state().since_reference == 4
+    enc.encode(bikes[3:5])  # back to bikes: a new scene, its reference in the middle of what the call holds
+    assert [s.reason for s in enc.last_stats] == ["scene", "cached"]
+    # a static scene: groups of cache_interval frames, as with "centre"
+    static = cached(base, **{**cfg, "cache_interval": 4})
+    static.encode(np.stack([bikes[0]] * 6))
+    assert [s.reason for s in static.last_stats] == [
+        "cached",
+        "first",
+        "cached",
+        "cached",
+        "interval",
+        "cached",
+    ]
+    blob = static.snapshot()
+    again = cached(base, **{**cfg, "cache_interval": 4})
+    again.restore(blob)
+    assert torch.equal(again.state().anchor, static.state().anchor)
+    assert torch.equal(again.encode(bikes[1:3]).tokens, static.encode(bikes[1:3]).tokens)
+
+
 def test_centre_reference_with_one_frame_calls_is_the_first_frame(base, bikes) -> None:
     """Without frames ahead in the call a group's reference is its first frame, as in the paper."""
     centre = cached(base, cache_interval=3, update_token_ratio=0.25, reference="centre")
@@ -408,6 +443,8 @@ def test_registry_and_config_validation(base) -> None:
         {"min_ratio": 0.5, "max_ratio": 0.2},
         {"similarity": "pixels"},
         {"reference": "last"},
+        {"reference": "scene", "mode": "adaptive"},
+        {"reference": "scene", "scene_threshold": 1.5},
         {"reference": "centre", "mode": "adaptive"},
         {"budget": "all"},
         {"budget": "call", "mode": "adaptive"},

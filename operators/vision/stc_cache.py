@@ -58,12 +58,13 @@ from .vit import ViT
 
 Mode = Literal["fixed", "adaptive"]
 Similarity = Literal["key", "input"]
-Placement = Literal["first", "centre"]
+Placement = Literal["first", "centre", "scene"]
 Budget = Literal["frame", "call"]
 _MAGIC = b"STCC2\n"
 _OLD_MAGICS = (b"STCC1\n",)
-#: the per-layer reference arrays a state may hold (``xin`` only with ``similarity="input"``)
-STATE_ARRAYS = ("k", "v", "delta", "xin")
+#: the reference arrays a state may hold (``xin`` only with ``similarity="input"``; ``anchor``, the
+#: patch embeddings of the group's first frame, only with ``reference="scene"``)
+STATE_ARRAYS = ("k", "v", "delta", "xin", "anchor")
 if sys.byteorder != "little":  # pragma: no cover - the blob stores native (little-endian) arrays
     raise ImportError("stc_cache serialisation assumes a little-endian machine")
 DEFAULT_STREAM = "default"
@@ -88,10 +89,16 @@ class STCCacheConfig:
     #: layer input, the residual stream; K, Q and V only for the recomputed tokens, the others
     #: keep the reference's keys)
     similarity: Similarity = "key"
-    #: fixed mode: where the reference sits in its group of ``cache_interval`` frames: "first"
-    #: (the paper) or "centre" (the middle frame of the group when the call holds it, so the
-    #: frames before it are encoded against a later frame; halves the distance to the reference)
+    #: fixed mode: how frames are grouped around a reference: "first" (the paper: groups of
+    #: ``cache_interval`` frames, the first is the reference), "centre" (same groups, the middle
+    #: frame is the reference when the call holds it, so the frames before it are encoded
+    #: against a later frame; halves the distance to the reference) or "scene" (as "centre",
+    #: but a group also ends at the first frame whose patch embeddings have a mean cosine below
+    #: ``scene_threshold`` to the group's first frame: static scenes make long groups, motion
+    #: and cuts short ones)
     reference: Placement = "first"
+    #: ``reference="scene"``: the mean patch-embedding cosine to the group's first frame below which a new group starts
+    scene_threshold: float = 0.7
     #: fixed mode: "frame" (the paper): every cached frame recomputes ``ceil(update_token_ratio * N)``
     #: tokens per layer; "call": the cached frames of one call share that many per frame and
     #: layer, given to the least similar tokens of any of them (a frame farther from its
@@ -113,10 +120,14 @@ class STCCacheConfig:
             raise ValueError("cut_fraction must be in (0, 1]")
         if self.similarity not in ("key", "input"):
             raise ValueError(f"similarity must be 'key' or 'input', got {self.similarity!r}")
-        if self.reference not in ("first", "centre"):
-            raise ValueError(f"reference must be 'first' or 'centre', got {self.reference!r}")
-        if self.reference == "centre" and self.mode != "fixed":
-            raise ValueError("reference='centre' is for fixed mode (adaptive mode goes frame by frame)")
+        if self.reference not in ("first", "centre", "scene"):
+            raise ValueError(f"reference must be 'first', 'centre' or 'scene', got {self.reference!r}")
+        if self.reference != "first" and self.mode != "fixed":
+            raise ValueError(
+                f"reference={self.reference!r} is for fixed mode (adaptive mode goes frame by frame)"
+            )
+        if not -1.0 <= self.scene_threshold <= 1.0:
+            raise ValueError("scene_threshold must be in [-1, 1]")
         if self.budget not in ("frame", "call"):
             raise ValueError(f"budget must be 'frame' or 'call', got {self.budget!r}")
         if self.budget == "call" and self.mode != "fixed":
@@ -170,6 +181,7 @@ class STCCacheState:
         self.v: torch.Tensor | None = None
         self.delta: torch.Tensor | None = None
         self.xin: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
 
     @property
     def has_reference(self) -> bool:
@@ -387,41 +399,75 @@ class STCCachedEncoder(Dinov2Encoder):
             out[i : i + 1] = y
         return vit.norm(out)
 
-    def _plan_fixed(self, b: int, state: STCCacheState) -> tuple[list[int], list[str], int]:
+    def _plan_fixed(
+        self, x0: torch.Tensor, state: STCCacheState
+    ) -> tuple[list[int], list[str], int, int | None]:
         """Per frame of a call: -1 for a reference, else its reference (0: the state's, r: the call's r-th).
 
-        A group of ``cache_interval`` frames shares one reference. With
-        ``reference="first"`` it is the group's first frame; with "centre" it is
-        the middle frame (``(interval - 1) // 2`` frames in) when the call holds
-        it, else the call's last frame, and the frames before it in the group are
-        encoded against it. Returns the plan, the reasons and the position in the
-        last group (the state's ``since_reference`` after the call).
+        Frames are grouped, one reference per group. With ``reference="first"``
+        a group is ``cache_interval`` frames and its first frame the reference.
+        With "centre" the reference is the group's middle frame
+        (``(interval - 1) // 2`` frames in) when the call holds it, else the
+        call's last frame, and the frames before it are encoded against it. With
+        "scene" a group also ends before the first frame whose patch embeddings
+        are less similar than ``scene_threshold`` to the group's first frame (the
+        anchor), and the reference is the middle of the group's frames in the
+        call. Returns the plan, the reasons, the frames of the last group so far
+        (the state's ``since_reference`` after the call) and the row of the last
+        group's first frame if it is in this call.
         """
-        interval = self.config.cache_interval
-        back = (interval - 1) // 2 if self.config.reference == "centre" else 0
+        cfg = self.config
+        b, interval = x0.shape[0], cfg.cache_interval
+        back = (interval - 1) // 2 if cfg.reference == "centre" else 0
         since, has_ref = state.since_reference, state.has_reference
         ref_of, reasons = [0] * b, ["cached"] * b
-        n_refs, i = 0, 0
+        n_refs, i, anchor_row = 0, 0, None
+        if cfg.reference == "scene":
+            p = self.num_prefix_tokens
+            anchor = state.anchor
+
+            def similar(row: int, to: torch.Tensor | None) -> bool:
+                if to is None:
+                    return False
+                return float(token_cosine(x0[row : row + 1, p:], to[p:], backend=cfg.backend).mean()) >= (
+                    cfg.scene_threshold
+                )
+
+        ended_by_scene = False
         while i < b:
-            if has_ref and since < interval:
+            if cfg.reference == "scene":
+                same = has_ref and since < interval and similar(i, anchor)
+            else:
+                same = has_ref and since < interval
+            if same:
                 ref_of[i] = n_refs
                 since += 1
                 i += 1
                 continue
-            j = i + min(back, b - 1 - i)  # the new reference; frames i .. j - 1 are encoded against it
+            if cfg.reference == "scene":
+                ended_by_scene = has_ref and since < interval
+                anchor, anchor_row = x0[i], i
+                end = i + 1
+                while end < b and end - i < interval and similar(end, anchor):
+                    end += 1
+                j = i + (end - 1 - i) // 2
+            else:
+                j = i + min(back, b - 1 - i)  # the new reference; frames i .. j - 1 are encoded against it
+                end = j + 1
             n_refs += 1
-            for f in range(i, j):
+            for f in range(i, end):
                 ref_of[f] = n_refs
-            ref_of[j], reasons[j] = -1, "interval" if has_ref else "first"
-            has_ref, since, i = True, j - i + 1, j + 1
-        return ref_of, reasons, since
+            ref_of[j] = -1
+            reasons[j] = "scene" if ended_by_scene else "interval" if has_ref else "first"
+            has_ref, since, i = True, end - i, end
+        return ref_of, reasons, since, anchor_row
 
     def _fixed_call(
         self, x0: torch.Tensor, out: torch.Tensor, state: STCCacheState, stats: list[FrameStats]
     ) -> None:
         b, t, _ = x0.shape
         depth = len(self.vit.blocks)
-        ref_of, reasons, since = self._plan_fixed(b, state)
+        ref_of, reasons, since, anchor_row = self._plan_fixed(x0, state)
         ref_rows = [i for i in range(b) if ref_of[i] < 0]
         new_cache = None
         if ref_rows:
@@ -449,6 +495,8 @@ class STCCachedEncoder(Dinov2Encoder):
             self._set_reference(state, new_cache, len(ref_rows) - 1)
             state.references += len(ref_rows)
         state.since_reference = since
+        if anchor_row is not None:
+            state.anchor = x0[anchor_row].clone()
 
     def _reference_reason(self, state: STCCacheState) -> str | None:
         if not state.has_reference:
