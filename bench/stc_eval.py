@@ -61,20 +61,21 @@ VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
 console = Console()
 
 CENTRE_INPUT = {"reference": "centre", "similarity": "input", "budget": "call"}
+SCENE_INPUT = {"reference": "scene", "similarity": "input", "budget": "call"}
 CONFIGS: dict[str, STCCacheConfig] = {
     "fixed r=0.25 every 2 (paper)": STCCacheConfig(cache_interval=2, update_token_ratio=0.25),
     "fixed r=0.25 every 4": STCCacheConfig(cache_interval=4, update_token_ratio=0.25),
     "fixed r=0.25 every 4, centre/input/call": STCCacheConfig(
         cache_interval=4, update_token_ratio=0.25, **CENTRE_INPUT
     ),
-    "fixed r=0.25 every 6, centre/input/call": STCCacheConfig(
-        cache_interval=6, update_token_ratio=0.25, **CENTRE_INPUT
-    ),
     "fixed r=0.2 every 6, centre/input/call": STCCacheConfig(
         cache_interval=6, update_token_ratio=0.2, **CENTRE_INPUT
     ),
-    "fixed r=0.25 every 8, centre/input/call": STCCacheConfig(
-        cache_interval=8, update_token_ratio=0.25, **CENTRE_INPUT
+    "fixed r=0.1 scene 0.8 (<= 8), input/call": STCCacheConfig(
+        cache_interval=8, update_token_ratio=0.1, scene_threshold=0.8, **SCENE_INPUT
+    ),
+    "fixed r=0.1 scene 0.85 (<= 8), input/call": STCCacheConfig(
+        cache_interval=8, update_token_ratio=0.1, scene_threshold=0.85, **SCENE_INPUT
     ),
     "adaptive t=0.99 every 8": STCCacheConfig(
         cache_interval=8, mode="adaptive", similarity_threshold=0.99, min_ratio=0.1, cut_fraction=0.5
@@ -82,7 +83,7 @@ CONFIGS: dict[str, STCCacheConfig] = {
 }
 QUICK_CONFIGS = (
     "fixed r=0.25 every 2 (paper)",
-    "fixed r=0.2 every 6, centre/input/call",
+    "fixed r=0.1 scene 0.85 (<= 8), input/call",
     "adaptive t=0.99 every 8",
 )
 GOAL_SPEEDUP, GOAL_FIDELITY = 2.0, 0.97
@@ -245,7 +246,7 @@ def isolated_cost(base: Dinov2Encoder, frames: list[np.ndarray], repeats: int = 
     ViT per frame, c the cached/full ratio at that batch size.
     """
     rows = []
-    for similarity, ratio in (("key", 0.25), ("key", 0.5), ("input", 0.25), ("input", 0.5)):
+    for similarity, ratio in (("key", 0.25), ("key", 0.5), ("input", 0.1), ("input", 0.25), ("input", 0.5)):
         for batch in (1, 7):
             enc = STCCachedEncoder(
                 base.vit,
