@@ -19,8 +19,10 @@ tokens (CLS) are always recomputed.
 Modes:
 
 - ``fixed`` (the paper): recompute ``ceil(update_token_ratio * N)`` tokens per
-  layer; the reference is the first frame of its group, or with
-  ``reference="centre"`` the middle one (when the call holds it);
+  layer (per frame, or with ``budget="call"`` shared by the call's frames);
+  the reference is the first frame of its group, or with ``reference="centre"``
+  the middle one (when the call holds it); ``reference="scene"`` also ends a
+  group where the patch embeddings stop resembling its first frame's;
 - ``adaptive``: recompute the patch tokens whose similarity is below
   ``similarity_threshold`` (clamped to ``[min_ratio, max_ratio]`` of N); when
   more than ``cut_fraction`` of the tokens of the first layer fall below it the
