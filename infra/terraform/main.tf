@@ -4,12 +4,12 @@
 # creates the FlinkDeployment, RayService, Kafka cluster and KafkaTopics.
 
 locals {
-  chart_path       = "${path.module}/../helm/streamvqa"
-  minio_namespace  = "minio"
-  s3_endpoint      = var.install_minio ? "minio.${local.minio_namespace}.svc:9000" : var.s3_endpoint
-  s3_secret_name   = "streamvqa-s3"
-  ray_secret_name  = "streamvqa-ray-token"
-  operator_ns      = { flink = "flink-operator", kuberay = "kuberay", strimzi = "strimzi" }
+  chart_path      = "${path.module}/../helm/streamvqa"
+  minio_namespace = "minio"
+  s3_endpoint     = var.install_minio ? "minio.${local.minio_namespace}.svc:9000" : var.s3_endpoint
+  s3_secret_name  = "streamvqa-s3"
+  ray_secret_name = "streamvqa-ray-token"
+  operator_ns     = { flink = "flink-operator", kuberay = "kuberay", strimzi = "strimzi" }
 }
 
 resource "kubernetes_namespace" "streamvqa" {
@@ -94,8 +94,8 @@ resource "helm_release" "flink_operator" {
   version    = var.operator_chart_versions.flink_operator
   values = [yamlencode({
     # the admission webhook needs cert-manager; the CRDs' schemas still validate
-    webhook          = { create = false }
-    watchNamespaces  = [var.namespace]
+    webhook         = { create = false }
+    watchNamespaces = [var.namespace]
   })]
 }
 
@@ -159,8 +159,8 @@ resource "helm_release" "streamvqa" {
       }
       topics = { partitions = var.topic_partitions }
       ray = {
-        authTokenSecret = kubernetes_secret.ray_token.metadata[0].name
-        gpuWorkers      = { minReplicas = var.gpu_workers.min, maxReplicas = var.gpu_workers.max }
+        authTokenSecret   = kubernetes_secret.ray_token.metadata[0].name
+        gpuWorkers        = { minReplicas = var.gpu_workers.min, maxReplicas = var.gpu_workers.max }
         operatorNamespace = local.operator_ns.kuberay
       }
       flink = { operatorNamespace = local.operator_ns.flink }
