@@ -1,7 +1,8 @@
 """Cluster deployment artefacts stay valid and consistent with the code.
 
 The Helm chart is rendered with ``infra/helm/render.py`` (no helm binary installs here) and the
-result is linted (yamllint), scanned (checkov, marked slow) and checked against the code:
+result is linted (yamllint), validated against the Kubernetes OpenAPI schemas
+(kubernetes-validate), scanned (checkov, marked slow) and checked against the code:
 topic names and partitions, STREAMVQA_* variables, ports, schema version, Ray app names, and
 the Flink options that ``pipelines/runner.py`` derives from the same settings.
 """
@@ -582,12 +583,17 @@ def test_terraform_fmt_accepts_the_module(tmp_path):
     env = {**os.environ, "TF_CLI_CONFIG_FILE": str(tmp_path / "none.tfrc"), "CHECKPOINT_DISABLE": "1"}
     proc = subprocess.run(
         [binary, "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     broken = tmp_path / "broken.tf"
     broken.write_text('resource "x" "y" {\n  a = \n')  # and it does parse: a syntax error fails it
-    proc = subprocess.run([binary, "fmt", "-check", str(broken)], capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [binary, "fmt", "-check", str(broken)], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode != 0
 
 
@@ -627,6 +633,57 @@ def test_yamllint(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _kubernetes_versions(kv) -> list[str]:
+    """The chart's lowest supported version (Chart.yaml kubeVersion) and the newest schema shipped."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    lowest = re.fullmatch(r">=(\d+\.\d+)\.\d+(?:-0)?", chart["kubeVersion"]).group(1)
+    return [lowest, kv.latest_version()]
+
+
+def _core_objects(docs) -> list[tuple[str, dict]]:
+    """(where, object) for every core Kubernetes object, pods inside custom resources as PodTemplates."""
+    out = [
+        (f"{d['kind']}/{d['metadata']['name']}", d)
+        for d in docs
+        if "." not in d["apiVersion"].split("/")[0] or d["apiVersion"].split("/")[0].endswith("k8s.io")
+    ]
+    for where, spec in _pod_specs(docs):
+        if where.startswith(("flink/", "ray/")):
+            template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": where.replace("/", "-")},
+                "template": {"spec": spec},
+            }
+            out.append((where, template))
+    return out
+
+
+def test_manifests_match_the_kubernetes_schemas(docs):
+    """Every core object, and every pod inside a FlinkDeployment or RayService, is valid against the
+    Kubernetes OpenAPI schemas (strict: an unknown or misspelt field fails) of the chart's lowest
+    supported version and the newest one. yamllint and checkov do not catch a field Kubernetes
+    would drop or refuse."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (dev extra)")
+    objects = _core_objects(docs)
+    kinds = {obj["kind"] for _, obj in objects}
+    assert {"Deployment", "Service", "NetworkPolicy", "Job", "PodTemplate", "Role"} <= kinds
+    assert sum(1 for where, _ in objects if where.startswith(("flink/", "ray/"))) >= 4
+    errors = []
+    for version in _kubernetes_versions(kv):
+        for where, obj in objects:
+            try:
+                kv.validate(obj, version, strict=True)
+            except kv.ValidationError as e:
+                errors.append(f"{version} {where}: {e.message} at {'/'.join(map(str, e.path))}")
+    assert not errors, "\n".join(errors)
+
+    broken = json.loads(json.dumps(_one(docs, "Deployment")))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"tcpSocket": {"port": 1}}
+    with pytest.raises(kv.ValidationError, match="livenesProbe"):
+        kv.validate(broken, _kubernetes_versions(kv)[0], strict=True)
 
 
 def _checkov() -> str | None:
