@@ -17,6 +17,7 @@ from streamvqa.operators.vision import (
     available_encoders,
     build_encoder,
 )
+from streamvqa.operators.vision.stc_cache import PRESETS
 
 from streamvqa.media import decode_frames, sample_video
 
@@ -428,6 +429,56 @@ def test_one_call_with_interleaved_references_equals_frame_by_frame(base, bikes)
         == (7, 1, 4)
     )
     torch.testing.assert_close(a.k, b.k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_state_rebuilt_from_the_reference_frame_with_one_frame_calls(base, bikes, phone, preset) -> None:
+    """The pipeline stores a stream's reference frame, not its cache, and rebuilds the cache with
+    ``reference_state`` after a restart: with one frame per call the rebuilt state encodes every
+    later frame exactly as the uninterrupted one (the scene preset's anchor included), whether a
+    frame comes as a list or as an array."""
+    frames = [*bikes[:5], *phone[:3], *bikes[5:8]]  # a cut each way
+
+    def encoder() -> STCCachedEncoder:
+        return STCCachedEncoder(base.vit, config=STCCacheConfig.preset(preset), preprocess=SMALL)
+
+    enc, ref, after, tokens, stats = encoder(), None, [], [], []
+    for frame in frames:
+        tokens.append(enc.encode([frame]).tokens)
+        stats.append(enc.last_stats[-1].to_dict())
+        if enc.last_stats[-1].reference:
+            ref = frame
+        after.append((ref, enc.state().copy()))
+    reasons = {s["reason"] for s in stats}
+    assert "cached" in reasons and len(reasons) >= 2, reasons
+    for i in (1, 4, 6, 8):  # a restart after frame i
+        ref, st = after[i]
+        fresh = encoder()
+        fresh.set_state(
+            "default",
+            fresh.reference_state(
+                ref, frames=st.frames, since_reference=st.since_reference, references=st.references
+            ),
+        )
+        if preset == "scene":
+            assert torch.equal(fresh.state().anchor, st.anchor)
+        for j in range(i + 1, len(frames)):
+            assert torch.equal(fresh.encode(frames[j][None]).tokens, tokens[j]), (i, j)
+            assert fresh.last_stats[-1].to_dict() == stats[j], (i, j)
+
+
+def test_presets() -> None:
+    assert STCCacheConfig.preset("fixed") == STCCacheConfig()
+    assert STCCacheConfig.preset("adaptive").mode == "adaptive"
+    scene = STCCacheConfig.preset("scene")
+    assert (scene.mode, scene.reference, scene.similarity, scene.update_token_ratio) == (
+        "fixed",
+        "scene",
+        "input",
+        0.1,
+    )
+    with pytest.raises(ValueError, match="unknown STC preset"):
+        STCCacheConfig.preset("fast")
 
 
 def test_registry_and_config_validation(base) -> None:

@@ -100,4 +100,6 @@ def preprocess_frames(
         t = t.to(device=device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         out.append(_fit(t, spec))
     x = out[0] if len(out) == 1 else torch.cat(out)
-    return ((x - mean) / std).to(dtype)
+    # one memory layout whatever the input (a list or an array): the patch convolution's result
+    # depends on it in the last bits, and a stream's frames must encode the same either way
+    return ((x - mean) / std).to(dtype).contiguous()

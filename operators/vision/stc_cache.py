@@ -140,6 +140,32 @@ class STCCacheConfig:
         d.pop("backend")  # the backend does not change what is cached
         return json.dumps(d, sort_keys=True)
 
+    @classmethod
+    def preset(cls, name: str) -> STCCacheConfig:
+        """A named setting (``PipelineSettings.stc_mode``): "fixed" (the paper: 25 % of the tokens per
+        layer, a reference every 4 frames), "adaptive" (the changed tokens, a cut as a new reference)
+        or "scene" (fixed mode with 10 % of the tokens, compared by layer input, and a new
+        reference where the picture stops being like the group's first frame, at most every 8;
+        the setting that meets the 2x-at-0.97 goal in ``bench stc``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown STC preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+#: the named settings of ``STCCacheConfig.preset`` (measured in ``python -m bench stc`` and ``stc-modes``)
+PRESETS: dict[str, dict] = {
+    "fixed": {},
+    "adaptive": {"mode": "adaptive"},
+    "scene": {
+        "reference": "scene",
+        "scene_threshold": 0.85,
+        "cache_interval": 8,
+        "similarity": "input",
+        "update_token_ratio": 0.1,
+        "budget": "call",
+    },
+}
+
 
 @dataclass
 class FrameStats:
@@ -318,11 +344,15 @@ class STCCachedEncoder(Dinov2Encoder):
         """The state whose reference is ``frame`` (uint8 RGB), with the given counters: the exact
         cache a stream had after that frame became its reference (a reference is a full forward of
         one frame, so it can be rebuilt from the frame instead of stored: 19 MB at 224 px vs. the
-        frame's JPEG)."""
+        frame's JPEG). With ``reference="scene"`` the frame is also the group's anchor: exact when
+        the stream is encoded one frame per call (as in the pipeline), where the reference is
+        always its group's first frame."""
         state = self.new_state()
         x0 = self.vit.embed(self.preprocess(frame[None]))
         _, cache = self._full(x0)
         self._set_reference(state, cache, 0)
+        if self.config.reference == "scene":
+            state.anchor = x0[0].clone()
         state.frames, state.since_reference, state.references = frames, since_reference, references
         return state
 
