@@ -205,11 +205,15 @@ class PipelineSettings(BaseModel):
     """
 
     encoder: str = "stc-dinov2-s-imgfocus"
-    # STC-Cacher mode of an STC encoder. "adaptive" recomputes the tokens that changed and takes a
-    # cut as a new reference; "fixed" reuses 75 % of the reference's tokens, which at low sampling
-    # rates (1-2 fps) biases features toward the reference so that CurveStream sees every reference
-    # refresh as motion (docs/pipeline.md, measured on the demo stream).
-    stc_mode: Literal["fixed", "adaptive"] = "adaptive"
+    # STC-Cacher preset of an STC encoder (STCCacheConfig.preset). "scene" recomputes 10 % of the
+    # tokens (the least like the reference's, by layer input) and takes a new reference where the
+    # picture stops being like the group's first frame (at most every 8 frames); "adaptive"
+    # recomputes the tokens whose keys changed and takes a cut as a new reference; "fixed" (the
+    # paper) reuses 75 % of the tokens of a reference every 4 frames, which at low sampling rates
+    # (1-2 fps) biases features toward the reference, so that CurveStream sees every reference
+    # refresh as motion. Same cost; "scene" stays closest to the plain encoder (docs/pipeline.md,
+    # measured on the demo stream with `python -m bench stc-modes`).
+    stc_mode: Literal["fixed", "adaptive", "scene"] = "scene"
     lm_path: Path | None = None  # None: the shipped SmolLM2-135M-Instruct
     lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     window_tokens: int = Field(default=256, ge=16)

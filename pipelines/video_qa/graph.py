@@ -50,7 +50,11 @@ def build_encoder(settings: Settings):
     from streamvqa.operators.vision import build_encoder as build
 
     p = settings.pipeline
-    return build(p.encoder, mode=p.stc_mode) if p.encoder.startswith("stc-") else build(p.encoder)
+    if p.encoder.startswith("stc-"):
+        from streamvqa.operators.vision import STCCacheConfig
+
+        return build(p.encoder, config=STCCacheConfig.preset(p.stc_mode))
+    return build(p.encoder)
 
 
 def load_memory_models(settings: Settings):
