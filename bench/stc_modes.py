@@ -22,8 +22,6 @@ from rich.progress import track
 from rich.table import Table
 
 OUT = Path(__file__).parent / "out"
-#: the ``PipelineSettings.stc_mode`` presets (``STCCacheConfig.preset``)
-PIPELINE_MODES = ("fixed", "adaptive", "scene")
 
 
 def _features(encoder, frames, per_stream: bool):
@@ -59,9 +57,10 @@ def main(quick: bool = False) -> None:
         media = build_demo_media(Path(tmp), scene_s=15.0, fps=2.0)
         frames = [decode_jpeg(p.read_bytes()) for p in sorted(media.frames_dir.glob("*.jpg"))]
     from streamvqa.operators.vision import STCCacheConfig
+    from streamvqa.operators.vision.stc_cache import PRESETS  # the PipelineSettings.stc_mode choices
 
     encoders = {"plain": (build_encoder("dinov2-s-imgfocus"), False)}
-    for mode in PIPELINE_MODES:
+    for mode in PRESETS:
         encoders[mode] = (build_encoder("stc-dinov2-s-imgfocus", config=STCCacheConfig.preset(mode)), True)
     runs: dict[str, list] = {name: [] for name in encoders}
     passes = 1 if quick else 2

@@ -647,7 +647,7 @@ def _core_objects(docs) -> list[tuple[str, dict]]:
     out = [
         (f"{d['kind']}/{d['metadata']['name']}", d)
         for d in docs
-        if "." not in d["apiVersion"].split("/")[0] or d["apiVersion"].split("/")[0].endswith("k8s.io")
+        if (group := d["apiVersion"].split("/")[0]).endswith("k8s.io") or "." not in group
     ]
     for where, spec in _pod_specs(docs):
         if where.startswith(("flink/", "ray/")):
@@ -672,7 +672,8 @@ def test_manifests_match_the_kubernetes_schemas(docs):
     assert {"Deployment", "Service", "NetworkPolicy", "Job", "PodTemplate", "Role"} <= kinds
     assert sum(1 for where, _ in objects if where.startswith(("flink/", "ray/"))) >= 4
     errors = []
-    for version in _kubernetes_versions(kv):
+    versions = _kubernetes_versions(kv)
+    for version in versions:
         for where, obj in objects:
             try:
                 kv.validate(obj, version, strict=True)
@@ -683,7 +684,7 @@ def test_manifests_match_the_kubernetes_schemas(docs):
     broken = json.loads(json.dumps(_one(docs, "Deployment")))
     broken["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"tcpSocket": {"port": 1}}
     with pytest.raises(kv.ValidationError, match="livenesProbe"):
-        kv.validate(broken, _kubernetes_versions(kv)[0], strict=True)
+        kv.validate(broken, versions[0], strict=True)
 
 
 def _checkov() -> str | None:

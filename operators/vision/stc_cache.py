@@ -638,9 +638,8 @@ class STCCachedEncoder(Dinov2Encoder):
 
         groups = self._reference_groups(state, refs, b)
 
-        def per_frame(
-            name: str, li: int
-        ) -> torch.Tensor:  # (B, T, D) copy of the references, to write rows into
+        def per_frame(name: str, li: int) -> torch.Tensor:
+            """(B, T, D): each frame's reference array ``name`` at layer ``li``, a copy to write rows into."""
             out = x.new_empty((b, t, d))
             for g0, g1, arrays in groups:
                 out[g0:g1] = arrays[name][li]
