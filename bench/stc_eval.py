@@ -74,9 +74,7 @@ CONFIGS: dict[str, STCCacheConfig] = {
     "fixed r=0.1 scene 0.8 (<= 8), input/call": STCCacheConfig(
         cache_interval=8, update_token_ratio=0.1, scene_threshold=0.8, **SCENE_INPUT
     ),
-    "fixed r=0.1 scene 0.85 (<= 8), input/call": STCCacheConfig(
-        cache_interval=8, update_token_ratio=0.1, scene_threshold=0.85, **SCENE_INPUT
-    ),
+    "fixed r=0.1 scene 0.85 (<= 8), input/call": STCCacheConfig.preset("scene"),  # the pipeline's default
     "adaptive t=0.99 every 8": STCCacheConfig(
         cache_interval=8, mode="adaptive", similarity_threshold=0.99, min_ratio=0.1, cut_fraction=0.5
     ),
