@@ -129,7 +129,8 @@ def main(quick: bool = False) -> dict:
                 progress.advance(bar)
 
                 start = time.perf_counter()
-                passthrough.run(settings, names[0], names[2], f"bench-{label}", commit_every=2000)
+                passthrough.run(settings, names[0], names[2], f"bench-{label}", commit_every=2000,
+                                 bounded=True)
                 wall = time.perf_counter() - start
                 got, pipe_span = _output_span(settings, endpoints, names[2], count)
                 progress.advance(bar)

@@ -5,7 +5,7 @@ sequence numbers and sending malformed messages to the dead-letter topic. The
 IO, state and commit machinery is the one every streamvqa pipeline uses; the
 chaos test and the IO benchmark run it.
 
-    streamvqa run passthrough --input T --output O --group G [--data-dir D]
+    streamvqa run passthrough --input T --output O --group G [--data-dir D] [--bounded]
 """
 
 from __future__ import annotations
@@ -51,10 +51,13 @@ class PassThroughProcessor:
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, input_topic: str, output_topic: str, group: str,
-          commit_every: int = 1000, commit_interval_s: float = 1.0) -> None:
+          commit_every: int = 1000, commit_interval_s: float = 1.0, bounded: bool = False) -> None:
+    """``bounded``: end each partition at an end-of-stream marker (tests, benches); otherwise
+    the job runs until stopped and a marker is a dead letter like any other bad message."""
     endpoints = connect.resolve_endpoints(settings)
     kafka = connect.kafka_config(settings, endpoints)
-    source = SourceConfig(client=kafka, group_id=group, emit_end_of_stream=True, batch=True)
+    source = SourceConfig(client=kafka, group_id=group, end_markers=bounded, emit_end_of_stream=bounded,
+                          batch=True)
     task = TaskConfig(
         kafka=kafka, s3=endpoints.s3, bucket=settings.s3.bucket, group=group,
         output_topics=(output_topic,), dead_letter_topic=settings.topics.dead_letter,

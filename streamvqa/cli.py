@@ -134,13 +134,16 @@ def run_passthrough(
     data_dir: DataDir = None,
     commit_every: Annotated[int, typer.Option(min=1)] = 1000,
     commit_interval: Annotated[float, typer.Option(min=0.01)] = 1.0,
+    bounded: Annotated[bool, typer.Option(
+        help="End each partition at an end-of-stream marker (tests, benches). Without it the job runs "
+             "until stopped and a marker is dead-lettered.")] = False,
 ) -> None:
     """Frames from one topic to another, exactly once, duplicates dropped, bad input dead-lettered."""
     from streamvqa.pipelines import passthrough
 
     try:
         passthrough.run(_settings(data_dir), input_topic, output_topic, group,
-                        commit_every=commit_every, commit_interval_s=commit_interval)
+                        commit_every=commit_every, commit_interval_s=commit_interval, bounded=bounded)
     except StackError as err:
         raise _fail(err) from err
 
@@ -162,7 +165,7 @@ def run_pipeline(
                 f"on {settings.runner.name}")
     try:
         graph.run_supervised(settings, group) if restart else graph.run(settings, group)
-    except StackError as err:
+    except (StackError, graph.SourcesEnded) as err:
         raise _fail(err) from err
 
 

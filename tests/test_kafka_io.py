@@ -323,7 +323,7 @@ def test_passthrough_pipeline_drops_duplicates_dead_letters_garbage_and_goes_on(
     send_end_of_stream(producer, topic)
     producer.flush()
     producer.close()
-    passthrough.run(stack_settings, topic, out, f"g-{topic}", commit_every=8)
+    passthrough.run(stack_settings, topic, out, f"g-{topic}", commit_every=8, bounded=True)
     keys = sorted(m.key for m in read_all(stack_settings, endpoints, out))
     assert keys == sorted(f"{s}:{q}".encode() for q in range(20) for s in ("cam-a", "cam-b"))
     letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)

@@ -45,7 +45,7 @@ def test_keyframe_extractor_stores_the_clear_frames_once(stack_settings, endpoin
     producer.flush()
     producer.close()
 
-    keyframes.run(stack_settings, topic, out, f"g-{topic}")
+    keyframes.run(stack_settings, topic, out, f"g-{topic}", bounded=True)
 
     records = [json.loads(m.value) for m in read_all(stack_settings, endpoints, out)]
     seqs = [r["seq"] for r in records]

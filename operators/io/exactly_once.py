@@ -308,7 +308,10 @@ class PartitionTask:
         self._position = record.offset + 1
         self._uncommitted += 1
         stream_id = _stream_id(record)
-        if stream_id is None:
+        if record.has_end_marker:  # a long-running job's source passes markers on: a producer's claim
+            self._dead_letter(record, InvalidField(
+                "end-of-stream marker: a producer cannot end the input of a long-running job", "headers"))
+        elif stream_id is None:
             self._dead_letter(record, InvalidField("message key is missing or not a valid stream id", "key"))
         else:
             slot = self._slot(stream_id)

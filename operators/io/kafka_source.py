@@ -14,8 +14,10 @@ service cannot run here), so streamvqa reads Kafka itself:
   with the wall clock while the partition is idle;
 - bounded polling: a bundle ends after ``max_bundle_records`` or
   ``max_bundle_seconds``; an idle partition defers with exponential backoff;
-- a clean end: a stop offset, or a record carrying the end-of-stream header
-  (used by tests and file replays);
+- a clean end: a stop offset, or, only in a bounded run (``end_markers=True``: tests,
+  benches, file replays), a record carrying the end-of-stream header. A long-running job
+  ignores that header (any producer can set it): the record flows on like any other and the
+  exactly-once task dead-letters it;
 - one element per record (KafkaRecord), or with ``batch=True`` one element per
   poll (KafkaBatch, consecutive records of one partition) so that Beam's
   per-element cost is paid per batch;
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import apache_beam as beam
@@ -53,7 +55,10 @@ class SourceConfig:
     idle_backoff_s: tuple[float, float] = (0.01, 0.5)
     idle_watermark_lag_s: float | None = 5.0  # None: hold the watermark while idle
     max_fetch_bytes: int = 17 * 1024 * 1024
-    emit_end_of_stream: bool = False  # pass the end-of-stream record on (tasks commit on it)
+    # A bounded run: a record with the end-of-stream header ends its partition. Off in the
+    # long-running job, where ending the input is not something a producer may declare.
+    end_markers: bool = False
+    emit_end_of_stream: bool = False  # with end_markers: pass the marker on (tasks commit on it)
     batch: bool = False  # emit a KafkaBatch per poll instead of a KafkaRecord per message
     # With ``batch``: an idle partition emits an empty KafkaBatch at most this often, so that
     # stages holding work for a time (questions waiting for their sources) get a turn.
@@ -176,6 +181,8 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
                     timestamp_ms=int(message.timestamp),
                     headers=_headers(message.headers) if message.headers else (),
                 )
+                if self.config.end_markers and record.has_end_marker:
+                    record = replace(record, end_of_stream=True)
                 if record.is_end_of_stream or message.offset + 1 >= restriction.stop:
                     if not record.is_end_of_stream or self.config.emit_end_of_stream:
                         records.append(record)

@@ -26,9 +26,17 @@ class KafkaRecord:
     value: bytes
     timestamp_ms: int
     headers: tuple[tuple[str, bytes], ...] = ()
+    #: Set by the source, and only by a bounded one (``SourceConfig.end_markers``): this record
+    #: ends its partition's input. A long-running job never sets it, whatever the headers say.
+    end_of_stream: bool = False
 
     @property
     def is_end_of_stream(self) -> bool:
+        return self.end_of_stream
+
+    @property
+    def has_end_marker(self) -> bool:
+        """The producer put the end-of-stream header on it (honoured only by a bounded source)."""
         return any(name == EOS_HEADER for name, _ in self.headers)
 
 

@@ -91,10 +91,12 @@ class KeyframeProcessor:
 
 
 def build(pipeline: beam.Pipeline, settings: Settings, input_topic: str, output_topic: str, group: str,
-          **processor_options) -> None:
+          bounded: bool = False, **processor_options) -> None:
+    """``bounded``: end each partition at an end-of-stream marker; otherwise run until stopped."""
     endpoints = connect.resolve_endpoints(settings)
     kafka = connect.kafka_config(settings, endpoints)
-    source = SourceConfig(client=kafka, group_id=group, emit_end_of_stream=True, batch=True)
+    source = SourceConfig(client=kafka, group_id=group, end_markers=bounded, emit_end_of_stream=bounded,
+                          batch=True)
     task = TaskConfig(
         kafka=kafka, s3=endpoints.s3, bucket=settings.s3.bucket, group=group,
         output_topics=(output_topic,), dead_letter_topic=settings.topics.dead_letter,
@@ -109,9 +111,10 @@ def build(pipeline: beam.Pipeline, settings: Settings, input_topic: str, output_
     )
 
 
-def run(settings: Settings, input_topic: str, output_topic: str, group: str, **processor_options) -> None:
+def run(settings: Settings, input_topic: str, output_topic: str, group: str, bounded: bool = False,
+        **processor_options) -> None:
     with beam.Pipeline(runner=make_runner(settings), options=pipeline_options(settings)) as pipeline:
-        build(pipeline, settings, input_topic, output_topic, group, **processor_options)
+        build(pipeline, settings, input_topic, output_topic, group, bounded, **processor_options)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,9 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", default=None, help="frames topic (default: the settings' frames topic)")
     parser.add_argument("--output", required=True, help="topic for keyframe records")
     parser.add_argument("--group", required=True, help="consumer group / task namespace")
+    parser.add_argument("--bounded", action="store_true", help="stop at end-of-stream markers")
     args = parser.parse_args(argv)
     settings = Settings()
-    run(settings, args.input or settings.topics.frames, args.output, args.group)
+    run(settings, args.input or settings.topics.frames, args.output, args.group, bounded=args.bounded)
 
 
 if __name__ == "__main__":

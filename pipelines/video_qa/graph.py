@@ -167,12 +167,17 @@ class StageFactories:
         return out
 
 
+class SourcesEnded(RuntimeError):
+    """The long-running job's sources ended: it never should (its input is unbounded; an
+    end-of-stream header from a producer is a dead letter, not an end)."""
+
+
 def build(pipeline: beam.Pipeline, settings: Settings, group: str = DEFAULT_GROUP) -> None:
     endpoints = connect.resolve_endpoints(settings)
     kafka = connect.kafka_config(settings, endpoints)
     p = settings.pipeline
-    source = SourceConfig(
-        client=kafka, group_id=group, emit_end_of_stream=True, batch=True, poll_timeout_ms=20,
+    source = SourceConfig(  # end_markers off: no producer can end this job's input
+        client=kafka, group_id=group, batch=True, poll_timeout_ms=20,
         max_bundle_records=64, max_bundle_seconds=0.5, idle_backoff_s=(0.01, 0.1), heartbeat_s=p.heartbeat_s,
     )
     task = TaskConfig(
@@ -190,8 +195,11 @@ def build(pipeline: beam.Pipeline, settings: Settings, group: str = DEFAULT_GROU
 
 
 def run(settings: Settings, group: str = DEFAULT_GROUP) -> None:
+    """Run until stopped. Returning would mean the sources ended: that is a failure
+    (:class:`SourcesEnded`), never a success, for the supervisor and the CLI's exit code."""
     with beam.Pipeline(runner=make_runner(settings), options=pipeline_options(settings)) as pipeline:
         build(pipeline, settings, group)
+    raise SourcesEnded("the pipeline's sources ended; the main job's input is unbounded, so this is a failure")
 
 
 def run_supervised(
@@ -208,8 +216,7 @@ def run_supervised(
     while True:
         started = time.monotonic()
         try:
-            run(settings, group)
-            return  # the sources ended (end-of-stream markers)
+            run(settings, group)  # returns only by raising (SourcesEnded at the least)
         except Exception as err:  # any failure of a run is retried from the committed state
             failures = 1 if time.monotonic() - started > 120 else failures + 1
             if failures == 1:
