@@ -195,6 +195,141 @@ def test_credentials_file_is_private(stack_settings: Settings) -> None:
     assert path.stat().st_mode & 0o077 == 0
 
 
+# -- the object store's other ports --------------------------------------------------------
+
+
+def _anonymous(
+    port: int, method: str, path: str, body: bytes | None = None, headers=None
+) -> tuple[int | None, bytes]:
+    """One request without credentials: (status, body), or (None, b"") if nothing listens."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    except ConnectionRefusedError:
+        return None, b""
+    finally:
+        conn.close()
+
+
+def _multipart(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """A form upload, as the filer's and the volume server's POST take it."""
+    boundary = "svqa" + os.urandom(8).hex()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _refused(result: tuple[int | None, bytes]) -> bool:
+    status, _ = result
+    return status is None or status >= 400
+
+
+def test_object_store_http_ports_refuse_anonymous_access(stack_settings: Settings, endpoints) -> None:
+    """Only the S3 port (with credentials) reaches the data: the filer, master and volume HTTP
+    ports neither read, write nor delete without a key."""
+    ports = seaweedfs.SeaweedPorts.from_list(LocalStack(stack_settings).state().s3_ports)
+    store = connect.object_store(stack_settings, endpoints)
+    bucket = stack_settings.s3.bucket
+    key = "streams/anon-probe/keyframe"
+    secret = b"private keyframe " + os.urandom(16).hex().encode()
+    store.put(key, secret)
+    path = f"/buckets/{bucket}/{key}"
+    planted = f"/buckets/{bucket}/streams/anon-probe/planted"
+    evil, form = _multipart(b"overwritten by a stranger")
+    accepted: list[str] = []  # every anonymous request that got through
+
+    def probe(port: int, method: str, target: str, body=None, headers=None) -> None:
+        status, answer = _anonymous(port, method, target, body, headers)
+        if not _refused((status, answer)) or secret in answer or b"planted needle" in answer:
+            accepted.append(f"{method} {target} on port {port}: {status}")
+
+    # The S3 port itself: no signature, no data.
+    probe(ports.s3, "GET", f"/{bucket}/{key}")
+
+    for port in (ports.filer, ports.master, ports.volume):
+        probe(port, "GET", path)
+        probe(port, "POST", path, evil, form)
+        probe(port, "PUT", path, evil, form)
+        probe(port, "POST", planted, evil, form)
+        probe(port, "DELETE", path)
+        # A directory listing names every stream's keys.
+        probe(port, "GET", f"/buckets/{bucket}/streams/", headers={"Accept": "application/json"})
+
+    # The master hands out file ids (and with them write tokens), locates and grows volumes.
+    for method, target in (
+        ("GET", "/dir/assign"),
+        ("POST", "/dir/assign"),
+        ("GET", "/dir/lookup?volumeId=1"),
+        ("GET", "/vol/status"),
+        ("POST", "/vol/grow?count=1"),
+        ("GET", "/col/delete?collection=" + bucket),
+        ("POST", "/submit"),
+    ):
+        probe(ports.master, method, target, b"" if method == "POST" else None)
+
+    # The volume server: a needle written, read back and deleted by file id, on every volume.
+    for volume in range(1, 31):
+        fid = f"/{volume},{os.urandom(4).hex()}{os.urandom(4).hex()}"
+        probe(ports.volume, "POST", fid, *_multipart(b"planted needle"))
+        probe(ports.volume, "GET", fid)
+        probe(ports.volume, "DELETE", fid)
+
+    assert not accepted, f"{len(accepted)} anonymous requests accepted:\n" + "\n".join(accepted[:40])
+    assert store.get(key) == secret  # unchanged
+    assert not store.contains("streams/anon-probe/planted")
+    store.delete(key)
+
+
+def test_object_store_data_folder_is_private(stack_settings: Settings, endpoints) -> None:
+    """The data folder is 0700 and nothing under it (volumes, index, logs, sockets, keys) is
+    readable or writable by group or others."""
+    connect.object_store(stack_settings, endpoints).put("streams/private-probe/x", os.urandom(2048))
+    data_dir = stack_settings.stack_dir / "seaweedfs"
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert (data_dir / seaweedfs.SECURITY_FILE).is_file()
+    found = _everything_under(data_dir)
+    for path in found:
+        assert path.lstat().st_mode & 0o077 == 0, f"{path} is {oct(path.lstat().st_mode & 0o777)}"
+    assert any(p.suffix == ".dat" for p in found), "no volume file found: nothing was checked"
+    log = stack_settings.stack_dir / "seaweedfs.log"
+    assert log.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.slow
+def test_private_modes_are_restored_on_an_old_data_folder(private_stack: LocalStack) -> None:
+    """A data folder written before the fix (0755 / 0644) is tightened at the next start."""
+    private_stack.up()
+    endpoints = connect.resolve_endpoints(private_stack.settings)
+    connect.object_store(private_stack.settings, endpoints).put("k", b"v")
+    private_stack.down()
+    for path in _everything_under(private_stack.s3_dir):
+        if not path.is_socket():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    private_stack.s3_dir.chmod(0o755)
+    private_stack.up()
+    endpoints = connect.resolve_endpoints(private_stack.settings)
+    assert connect.object_store(private_stack.settings, endpoints).get("k") == b"v"
+    assert private_stack.s3_dir.stat().st_mode & 0o777 == 0o700
+    for path in _everything_under(private_stack.s3_dir):
+        assert path.lstat().st_mode & 0o077 == 0, f"{path} is {oct(path.lstat().st_mode & 0o777)}"
+
+
+def _everything_under(folder: Path) -> list[Path]:
+    """Folders, files and sockets under ``folder``; not symbolic links (always 0777, the mode
+    of their target is what counts, and the targets are in the list)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [Path(root) / name for name in dirs + files if not (Path(root) / name).is_symlink()]
+    return found
+
+
 # -- lifecycle of a stack of the test's own -----------------------------------------------
 
 

@@ -94,7 +94,9 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        umask: int | None = None,
     ) -> int:
+        """Start ``argv`` detached; ``umask`` (e.g. 0o077) applies to the child only."""
         binary = argv[0]
         if not Path(binary).is_file() or not os.access(binary, os.X_OK):
             raise StackError(f"{self.name}: binary not found or not executable: {binary}")
@@ -102,7 +104,10 @@ class ManagedProcess:
             raise StackError(f"{self.name} is already running (pid file {self.pid_file})")
         self.clear_stale()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
+        # The log may name buckets and keys: readable by this user only.
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log:
             proc = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
@@ -110,6 +115,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
+                umask=-1 if umask is None else umask,
                 start_new_session=True,  # outlives the CLI; its own process group
                 close_fds=True,
             )

@@ -3,6 +3,12 @@
 Loopback only, telemetry off, every port explicit, data and unix sockets under
 the data folder, static credentials generated on first start and kept there
 (mode 0600, never printed).
+
+Only the S3 port serves data without a key. ``-disableHttp`` turns off the master's and the
+filer's HTTP APIs (the S3 gateway talks to them over gRPC); the volume server's HTTP port, which
+the S3 gateway needs for chunk data, checks JWTs signed with keys from ``security.toml`` in the
+data folder (new keys on every start, mode 0600). The data folder is 0700 and the server runs
+with umask 077, so nothing it writes is readable by other users.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,10 @@ from .process import StackError
 
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_SOCKET_PATH = 100
+
+# The server's umask: every file and folder it creates is private to this user.
+UMASK = 0o077
+SECURITY_FILE = "security.toml"
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ def ensure_credentials(data_dir: Path) -> S3Credentials:
     if path.exists():
         data = json.loads(path.read_text())
         return S3Credentials(data["access_key"], data["secret_key"])
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(data_dir)
     creds = S3Credentials(access_key="svqa" + secrets.token_hex(8), secret_key=secrets.token_urlsafe(30))
     _write_private(path, json.dumps({"access_key": creds.access_key, "secret_key": creds.secret_key}))
     return creds
@@ -94,7 +105,57 @@ def ensure_credentials(data_dir: Path) -> S3Credentials:
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # an existing file keeps its mode on O_CREAT
         handle.write(text)
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) with mode 0700; tighten it if it exists."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def secure_data_dir(data_dir: Path) -> None:
+    """Make the data folder 0700 and take group/other access off everything under it
+    (folders and volume files written by an older version were 0755 / 0644)."""
+    _private_dir(data_dir)
+    for root, dirs, files in os.walk(data_dir):
+        for name in dirs + files:
+            path = Path(root) / name
+            try:
+                mode = path.lstat().st_mode
+                if mode & 0o077 and not stat.S_ISLNK(mode):
+                    path.chmod(stat.S_IMODE(mode) & ~0o077)
+            except FileNotFoundError:
+                continue
+
+
+def write_security_config(data_dir: Path) -> Path:
+    """``security.toml`` (mode 0600) with fresh random JWT keys, read by ``weed -config_dir``.
+
+    ``jwt.signing`` / ``jwt.signing.read``: the volume server accepts a write / read only with
+    a token signed by these keys (the master hands write tokens to the S3 gateway over gRPC;
+    the gateway signs read tokens itself). ``jwt.filer_signing`` (+ ``.read``) guard the filer's
+    HTTP API in case it is ever turned back on. Tokens live 10 s, so new keys on every start
+    break nothing stored.
+    """
+
+    def key() -> str:
+        return secrets.token_urlsafe(32)
+
+    sections = {
+        "jwt.signing": key(),
+        "jwt.signing.read": key(),
+        "jwt.filer_signing": key(),
+        "jwt.filer_signing.read": key(),
+    }
+    lines = []
+    for section, value in sections.items():
+        lines += [f"[{section}]", f'key = "{value}"', "expires_after_seconds = 10", ""]
+    lines += ["[access]", "ui = false", ""]  # the volume server's status UI
+    path = data_dir / SECURITY_FILE
+    _write_private(path, "\n".join(lines))
+    return path
 
 
 def _socket_dir(data_dir: Path) -> Path:
@@ -107,14 +168,25 @@ def _socket_dir(data_dir: Path) -> Path:
     digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
     short = Path(tempfile.gettempdir()) / f"svqa-{digest}"
     short.mkdir(mode=0o700, exist_ok=True)
+    info = short.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise StackError(f"{short} is not a folder of this user; remove it and start again")
+    short.chmod(0o700)
     return short
 
 
 def command(data_dir: Path, ports: SeaweedPorts, creds: S3Credentials) -> list[str]:
-    """The full ``weed server`` command line for one all-in-one node on loopback."""
+    """The full ``weed server`` command line for one all-in-one node on loopback.
+
+    Writes the S3 identities and a fresh ``security.toml`` into ``data_dir``; start the
+    process with ``umask=UMASK``.
+    """
     data_dir = data_dir.resolve()
-    (data_dir / "data").mkdir(parents=True, exist_ok=True)  # weed exits if -dir is missing
-    (data_dir / "logs").mkdir(exist_ok=True)
+    _private_dir(data_dir)
+    _private_dir(data_dir / "data")  # weed exits if -dir is missing
+    _private_dir(data_dir / "logs")
+    secure_data_dir(data_dir)
+    write_security_config(data_dir)
     config = data_dir / "s3.json"
     _write_private(
         config,
@@ -135,6 +207,7 @@ def command(data_dir: Path, ports: SeaweedPorts, creds: S3Credentials) -> list[s
     sockets = _socket_dir(data_dir)
     return [
         str(weed_binary()),
+        f"-config_dir={data_dir}",  # security.toml from here, not from ./ or ~/.seaweedfs
         f"-logdir={data_dir / 'logs'}",
         "server",
         f"-dir={data_dir / 'data'}",
@@ -163,4 +236,7 @@ def command(data_dir: Path, ports: SeaweedPorts, creds: S3Credentials) -> list[s
         "-webdav=false",
         "-sftp=false",
         "-iam=false",
+        # Master and filer HTTP APIs off (no /dir/assign, no /buckets/... reads or writes);
+        # the master's status page and /healthz stay. S3 and the servers use gRPC.
+        "-disableHttp",
     ]

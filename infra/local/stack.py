@@ -101,7 +101,9 @@ class LocalStack:
         store = ObjectStore(endpoint, self.settings.s3.bucket, client=endpoint.client(attempts=1))
         if self.s3.running_pid() is None:
             creds = seaweedfs.ensure_credentials(self.s3_dir)
-            self.s3.start(seaweedfs.command(self.s3_dir, s3_ports, creds), cwd=self.s3_dir)
+            self.s3.start(
+                seaweedfs.command(self.s3_dir, s3_ports, creds), cwd=self.s3_dir, umask=seaweedfs.UMASK
+            )
             self.s3.wait_ready(lambda: store.list_buckets() is not None, timeout)
         buckets = [self.settings.s3.bucket] + ([BROKER_BUCKET] if storage == "s3" else [])
         for bucket in buckets:
@@ -122,6 +124,9 @@ class LocalStack:
             self.broker.start(tansu.command(broker_port, url), env=env, cwd=self.dir)
             self.broker.wait_ready(lambda: can_connect(broker_port), timeout)
         self._retry(lambda: self._ensure_topics(state), timeout, what="create topics")
+        # SeaweedFS sets each new volume's .vif (volume info, no object data) to 0644 itself,
+        # whatever the umask: tighten the ones the buckets' first writes just allocated.
+        seaweedfs.secure_data_dir(self.s3_dir)
         return state
 
     def _ensure_topics(self, state: StackState) -> list[str]:
