@@ -73,7 +73,8 @@ def test_source_resumes_from_given_and_committed_offsets(stack_settings, endpoin
     producer.flush()
     producer.close()
 
-    given = _run_source(stack_settings, endpoints, [topic], start_offsets={(topic, 0): 15})
+    given = _run_source(stack_settings, endpoints, [topic], start_offsets={(topic, 0): 15},
+                        config={"end_markers": True})
     assert [int(row[3]) for row in given] == [15, 16, 17, 18, 19]  # the marker is not emitted
 
     group = f"resume-{topic}"
@@ -81,7 +82,7 @@ def test_source_resumes_from_given_and_committed_offsets(stack_settings, endpoin
     committer.commit(topic, 0, 12)
     assert committer.committed(topic, 0) == 12
     committer.close()
-    committed = _run_source(stack_settings, endpoints, [topic], config={"group_id": group})
+    committed = _run_source(stack_settings, endpoints, [topic], config={"group_id": group, "end_markers": True})
     assert [int(row[3]) for row in committed] == list(range(12, 20))
 
 
@@ -213,7 +214,7 @@ class _TicksOnce(PassThroughProcessor):
     def tick(self, state, now_us):
         if state.get("ticked") or state["last_seq"] < 7:
             return state, []
-        return {**state, "ticked": True}, [Output(self.output_topic, b"tick", b"t")]
+        return {**state, "ticked": True}, [Output(self.output_topic, b"tk/tick", b"t")]
 
 
 def test_a_tick_output_not_yet_ticked_again_holds_the_positions(stack_settings, endpoints) -> None:
@@ -243,11 +244,11 @@ def test_a_tick_output_not_yet_ticked_again_holds_the_positions(stack_settings, 
 
     run(10, tick_at=7, commit=False)  # commits after 5; frames 5..9 and the tick written; killed
     second = run(12, tick_at=None, commit=True)  # passes frame 7 without a tick; commits
-    tick_offset = next(m.offset for m in read_all(stack_settings, endpoints, out) if m.key == b"tick")
+    tick_offset = next(m.offset for m in read_all(stack_settings, endpoints, out) if m.key == b"tk/tick")
     assert second.progress.outputs[out][0] == tick_offset
     run(20, tick_at=15, commit=True)
     keys = [m.key for m in read_all(stack_settings, endpoints, out)]
-    assert sorted(keys) == sorted([b"tick"] + [f"tk:{i}".encode() for i in range(20)]), keys
+    assert sorted(keys) == sorted([b"tk/tick"] + [f"tk:{i}".encode() for i in range(20)]), keys
 
 
 class _TicksForOneStream(PassThroughProcessor):
@@ -259,7 +260,7 @@ class _TicksForOneStream(PassThroughProcessor):
     def tick(self, state, now_us):
         if state["stream"] != "tk" or state.get("ticked") or state["last_seq"] < 4:
             return state, []
-        return {**state, "ticked": True}, [Output(self.output_topic, b"tick", b"t")]
+        return {**state, "ticked": True}, [Output(self.output_topic, b"tk/tick", b"t")]
 
 
 def test_a_tick_output_waits_for_a_tick_that_gave_its_stream_a_turn(stack_settings, endpoints) -> None:
@@ -288,11 +289,11 @@ def test_a_tick_output_waits_for_a_tick_that_gave_its_stream_a_turn(stack_settin
 
     run([0, 1, 2, 3, 4, "commit", 5, 6, 7, 8, 9, "tick"])  # tk's output at position 10; killed
     second = run([5, 6, 7, 8, 9, "tick", 10, 11, 12, "commit"])  # tk not loaded at that tick
-    tick_offset = next(m.offset for m in read_all(stack_settings, endpoints, out) if m.key == b"tick")
+    tick_offset = next(m.offset for m in read_all(stack_settings, endpoints, out) if m.key == b"tk/tick")
     assert second.progress.outputs[out][0] == tick_offset
     run([13, "tick", "commit"])
     keys = [m.key for m in read_all(stack_settings, endpoints, out)]
-    assert sorted(keys) == sorted([b"tick", *(f"tk:{i}".encode() for i in range(6)),
+    assert sorted(keys) == sorted([b"tk/tick", *(f"tk:{i}".encode() for i in range(6)),
                                    *(f"ot:{i}".encode() for i in range(8))]), keys
 
 
@@ -347,7 +348,7 @@ def test_decode_or_dead_letter_and_write_to_kafka(stack_settings, endpoints) -> 
     kafka = connect.kafka_config(stack_settings, endpoints)
     for _ in range(2):  # the second run re-reads everything; the ledger keeps outputs single
         with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(streaming=True)) as p:
-            decoded = (p | ReadFromKafka(SourceConfig(client=kafka), [topic])
+            decoded = (p | ReadFromKafka(SourceConfig(client=kafka, end_markers=True), [topic])
                        | beam.ParDo(DecodeOrDeadLetter(Frame, dlq)).with_outputs(DEAD_LETTER, main="frames"))
             (decoded.frames
              | beam.Map(lambda f: Output(out, f"{f.stream_id}:{f.seq}".encode(), b"%d" % f.width))
@@ -378,3 +379,54 @@ def test_progress_keeps_positions_of_partitions_not_written_since(stack_settings
     positions = task.progress.outputs[out]
     assert set(positions) == {0, 1, 2}
     assert sum(positions.values()) == 5 + 3
+
+
+def test_two_streams_reusing_a_query_id_each_get_their_note_once_across_a_kill(stack_settings, endpoints) -> None:
+    """Output identities are scoped by stream (issue #20, defect 4): the ledger suppresses an
+    identity across all partitions of a topic, so two streams asking with the same query id used
+    to lose one stream's forwarded question after a crash in the commit window."""
+    from streamvqa.pipelines.video_qa.queries import QueryStage
+    from streamvqa.schemas import Query, encode
+
+    topic, out = new_topics(stack_settings, endpoints, "qid-in", "qid-out", partitions=1)
+    group = f"g-{topic}"
+
+    def query(offset: int, stream: str) -> KafkaRecord:
+        q = Query(query_id="same-id", stream_id=stream, text=f"what did {stream} say?", asked_at_us=1_000)
+        return KafkaRecord(topic, 0, offset, stream.encode(), encode(q), 0)
+
+    records = [query(0, "cam-x"), query(1, "cam-y")]
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    task = _task(stack_settings, endpoints, topic, out, group, producer, QueryStage(out),
+                 commit_every=1000, commit_interval_s=1e9)
+    task.process(records[0])  # written, not committed: the kill comes in the commit window
+    producer.flush()
+    producer.close()
+
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    task = _task(stack_settings, endpoints, topic, out, group, producer, QueryStage(out),
+                 commit_every=1000, commit_interval_s=1e9)
+    for record in records[task.progress.next_offset:]:
+        task.process(record)
+    task.commit()
+    producer.close()
+    notes = read_all(stack_settings, endpoints, out)
+    by_stream = sorted((m.key, dict(m.headers)["streamvqa-id"]) for m in notes)
+    assert by_stream == [(b"cam-x", b"cam-x/q/same-id"), (b"cam-y", b"cam-y/q/same-id")], by_stream
+
+
+def test_an_output_identity_that_does_not_name_its_stream_is_refused(stack_settings, endpoints) -> None:
+    from streamvqa.operators.io.exactly_once import UnscopedOutput
+
+    class Unscoped(PassThroughProcessor):
+        def process(self, state, record):
+            state, outputs = super().process(state, record)
+            return state, [Output(o.topic, b"seq-only", o.value, partition_key=o.partition_key) for o in outputs]
+
+    topic, out = new_topics(stack_settings, endpoints, "unscoped-in", "unscoped-out", partitions=1)
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))
+    task = _task(stack_settings, endpoints, topic, out, f"g-{topic}", producer, Unscoped(out))
+    with pytest.raises(UnscopedOutput, match="seq-only"):
+        task.process(_record(topic, 0, "cam-u", 0))
+    producer.close()
+    assert not read_all(stack_settings, endpoints, out, timeout_ms=1000)

@@ -60,7 +60,7 @@ def _ask(settings, endpoints, media, stream_id: str) -> list[str]:
         ids.append(query.query_id)
     kafka.close()
     deadline = time.monotonic() + 300
-    want = {f"q/{i}" for i in ids}
+    want = {f"{stream_id}/q/{i}" for i in ids}
     while not want <= {dict(m.headers).get(OUTPUT_ID_HEADER, b"").decode()
                        for m in _read(settings, endpoints, settings.topics.memory)}:
         assert time.monotonic() < deadline, "the questions were not forwarded"

@@ -42,7 +42,7 @@ from streamvqa.storage.keys import valid_stream_id
 from streamvqa.storage.object_store import ObjectNotFound, ObjectStore, PreconditionFailed
 
 from .kafka_sink import OffsetCommitter, OutputPositions, OutputProducer, Written, output_ends
-from .records import SOURCE_HEADER, KafkaBatch, KafkaRecord, Output
+from .records import SOURCE_HEADER, KafkaBatch, KafkaRecord, Output, is_scoped
 from .snapshots import Head, Snapshot, SnapshotConflict, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,19 @@ class TickingProcessor(StreamProcessor, Protocol):
 
     def tick(self, state: Any, now_us: int) -> tuple[Any, list[Output]]: ...
 
+
+
+class UnscopedOutput(TypeError):
+    """A processor wrote an output whose identity does not name the stream it came from."""
+
+
+def _scoped(output: Output, stream_id: str, stage: str) -> Output:
+    """The ledger suppresses a repeated identity across the topic's partitions: an identity that
+    did not name its stream could suppress another stream's output after a restart."""
+    if not is_scoped(output.identity, stream_id):
+        raise UnscopedOutput(f"the {stage} stage wrote output {output.identity!r} for stream {stream_id!r}: "
+                             "identities must start with the stream id (records.scoped_id)")
+    return output
 
 @dataclass
 class _Slot:
@@ -337,7 +350,7 @@ class PartitionTask:
                 slot.dirty = True
                 source = f"{self.topic}/{self.partition}/{record.offset}"
                 for output in outputs:
-                    self._send(output, source)
+                    self._send(_scoped(output, stream_id, self.processor.name), source)
         self._release(record.offset, tick=False)
         if self.commit_due():
             self.commit()
@@ -359,7 +372,8 @@ class PartitionTask:
             slot.state, slot.dirty = state, True
             changed += 1
             for output in outputs:
-                self._send(output, f"{self.topic}/{self.partition}/t{position}/{stream_id}")
+                self._send(_scoped(output, stream_id, self.processor.name),
+                           f"{self.topic}/{self.partition}/t{position}/{stream_id}")
         # the same states (or later ones) at a later time give what the killed run's tick here gave
         self._release(position, tick=True)
         if changed:

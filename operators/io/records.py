@@ -79,6 +79,21 @@ class Output:
         return output_identity(self.key, self.headers)
 
 
+def scoped_id(stream_id: str, *parts: object) -> str:
+    """An output identity of one stream: ``<stream id>/<part>/...``. The ledger recognises a
+    repeated write by its identity across all partitions of a topic, so an identity must name its
+    stream: two streams reusing a query id must never suppress each other's outputs."""
+    return "/".join((stream_id, *map(str, parts)))
+
+
+def is_scoped(identity: bytes, stream_id: str) -> bool:
+    """``identity`` is one of ``stream_id``'s: it starts with the stream id and a separator
+    (``/``, as :func:`scoped_id` writes, or ``:``, as ``<stream>:<seq>`` frame keys do); stream
+    ids contain neither."""
+    head = stream_id.encode()
+    return identity.startswith(head) and identity[len(head) : len(head) + 1] in (b"/", b":")
+
+
 def header(headers, name: str) -> bytes | None:
     for key, value in headers or ():
         if key == name:

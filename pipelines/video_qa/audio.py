@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from streamvqa.operators.audio import SpeechToText, VadState
-from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.io.records import KafkaRecord, Output, scoped_id
 from streamvqa.operators.model_guard import CallPolicy, ModelGuard
 from streamvqa.schemas import AudioChunk, Limits, SpeechNote
 from streamvqa.schemas.errors import InvalidField
@@ -87,7 +87,7 @@ class AudioStage:
                 stream_id=chunk.stream_id, seq=chunk.seq, start_us=start, end_us=max(t.end_us, start),
                 wall_us=wall, text=t.text.strip(), avg_logprob=float(t.avg_logprob), asr_ms=asr_ms,
             )
-            outputs.append(note(self.memory_topic, f"{chunk.stream_id}/speech/{start}", speech, record))
+            outputs.append(note(self.memory_topic, scoped_id(chunk.stream_id, "speech", start), speech, record))
             state.marked_us = max(state.marked_us, t.end_us)
             state.reported_us = max(state.reported_us, t.end_us)
             state.utterances += 1
@@ -100,7 +100,7 @@ class AudioStage:
                 # never before what is noted: the utterance's transcript will not start earlier
                 open_since_us=None if open_since is None else min(max(open_since, start), heard_us),
             )
-            outputs.append(note(self.memory_topic, f"{chunk.stream_id}/heard/{chunk.seq}", mark, record))
+            outputs.append(note(self.memory_topic, scoped_id(chunk.stream_id, "heard", chunk.seq), mark, record))
             if open_since is None:  # the audio up to here holds no unfinished speech
                 state.marked_us = heard_us
             state.reported_us = heard_us

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from streamvqa.operators.curvature.operator import CurveStream, CurveStreamConfig, CurveStreamState
 from streamvqa.operators.curvature.records import FrameInput
-from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.io.records import KafkaRecord, Output, scoped_id
 from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGuard
 from streamvqa.operators.vision.stc_prune import STCPruneConfig, STCPruner, STCPruneState
 from streamvqa.schemas import Frame, Limits, VisualNote
@@ -188,7 +188,7 @@ class FrameStage:
             content_hash=digest,
             encode_ms=encode_ms,
         )
-        return state, [note(self.memory_topic, f"{frame.stream_id}/frame/{frame.seq}", visual, record)]
+        return state, [note(self.memory_topic, scoped_id(frame.stream_id, "frame", frame.seq), visual, record)]
 
     def _sync_cache(self, stream_id: str, state: FrameStageState) -> None:
         """Make the encoder's cache of the stream the state's: rebuilt from the reference frame

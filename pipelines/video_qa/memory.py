@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.io.records import OUTPUT_ID_HEADER, KafkaRecord, Output, scoped_id
 from streamvqa.operators.kv import BlockMismatch
 from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGuard
 from streamvqa.schemas import (
@@ -415,7 +415,10 @@ class MemoryStage:
                 except ModelCallFailed as err:  # retried already: the asker is told, the question dead-lettered
                     answer = self._failed(state, h, err)
                     outputs += self._dead_letter(state, h, err)
+                # keyed by the query id for readers; identified by stream and query id for the ledger
+                identity = scoped_id(state.stream_id, "answer", h.query_id).encode()
                 outputs.append(Output(self.answers_topic, h.query_id.encode(), encode(answer),
+                                      headers=((OUTPUT_ID_HEADER, identity),),
                                       partition_key=state.stream_id.encode()))
                 state.answered = [*state.answered, h.query_id][-KEEP_ANSWERED:]
             else:
@@ -461,7 +464,7 @@ class MemoryStage:
         topic, partition, offset = h.source
         letter = make_dead_letter(err, source_topic=topic, source_partition=partition, source_offset=offset,
                                   payload=h.data, key=state.stream_id.encode(), limits=self.limits)
-        return [Output(self.dead_letter_topic, f"question/{h.query_id}".encode(), encode(letter),
+        return [Output(self.dead_letter_topic, scoped_id(state.stream_id, "question", h.query_id).encode(), encode(letter),
                        partition_key=state.stream_id.encode())]
 
     def _text_answer(self, state: MemoryState, query: Query):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from streamvqa.operators.io.records import KafkaRecord, Output
+from streamvqa.operators.io.records import KafkaRecord, Output, scoped_id
 from streamvqa.schemas import Limits, Query
 
 from .common import decode_keyed, note
@@ -33,5 +33,5 @@ class QueryStage:
         query = decode_keyed(record, Query, self.limits)  # SchemaError -> dead letter
         if query.image is not None:
             decode_image(query.image, "image")  # an example image that does not decode: dead letter
-        out = note(self.memory_topic, f"q/{query.query_id}", record.value, record)
+        out = note(self.memory_topic, scoped_id(query.stream_id, "q", query.query_id), record.value, record)
         return {"forwarded": state["forwarded"] + 1}, [out]
