@@ -18,6 +18,7 @@ from .codec import (
     encode,
     make_dead_letter,
     validate,
+    validate_id,
 )
 from .errors import (
     InvalidField,
@@ -35,6 +36,7 @@ from .records import (
     FRAME_CODECS,
     FRAME_TIERS,
     IMAGE_CODECS,
+    MAX_TIME_US,
     RECORD_TYPES,
     SAMPLE_FORMATS,
     SUPPORTED_VERSIONS,
@@ -62,6 +64,7 @@ __all__ = [
     "FRAME_TIERS",
     "ID_PATTERN",
     "IMAGE_CODECS",
+    "MAX_TIME_US",
     "RECORD_TYPES",
     "SAMPLE_FORMATS",
     "SUPPORTED_VERSIONS",
@@ -93,4 +96,5 @@ __all__ = [
     "encode",
     "make_dead_letter",
     "validate",
+    "validate_id",
 ]

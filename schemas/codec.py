@@ -43,6 +43,7 @@ from .records import (
     FRAME_CODECS,
     FRAME_TIERS,
     IMAGE_CODECS,
+    MAX_TIME_US,
     RECORD_TYPES,
     SAMPLE_FORMATS,
     SUPPORTED_VERSIONS,
@@ -68,6 +69,7 @@ __all__ = [
     "encode",
     "make_dead_letter",
     "validate",
+    "validate_id",
 ]
 
 _MiB = 1024 * 1024
@@ -603,6 +605,27 @@ def _id(value: str, field: str) -> None:
         )
 
 
+def validate_id(value: object, field: str = "stream_id") -> str:
+    """``value`` if it is a valid id (a stream or query id, by the rule records are validated
+    with), else :class:`InvalidField` naming ``field``. For ids that come from outside (the
+    command line) before anything is built from them."""
+    if not isinstance(value, str):
+        raise InvalidField(f"{field} must be a str, got {type(value).__name__}", field)
+    _id(value, field)
+    return value
+
+
+def _time(value: int, field: str) -> None:
+    """A time (µs): in ``[0, MAX_TIME_US]``."""
+    _between(value, field, 0)
+    if value > MAX_TIME_US:
+        raise InvalidField(
+            f"{field}={value} is after MAX_TIME_US={MAX_TIME_US} (2**62 µs, about 146,000 years): "
+            "not a plausible time",
+            field,
+        )
+
+
 def _pattern(value: str, field: str, pattern: re.Pattern[str], what: str) -> None:
     if not pattern.fullmatch(value):
         raise InvalidField(f"{field} {_show(value)} is not a valid {what}", field)
@@ -639,11 +662,12 @@ def _count(items: tuple[Any, ...], field: str, limit: int) -> None:
 
 
 def _span(start_us: int, end_us: int, path: str) -> None:
-    _between(start_us, f"{path}.start_us", 0)
+    _time(start_us, f"{path}.start_us")
     if start_us > end_us:
         raise InvalidField(
             f"{path}.end_us ({end_us}) is before {path}.start_us ({start_us})", f"{path}.end_us"
         )
+    _time(end_us, f"{path}.end_us")
 
 
 def _payload(payload: bytes, field: str, limits: Limits) -> None:
@@ -678,7 +702,7 @@ def _image(codec: str, payload: bytes, field: str) -> None:
 def _validate_frame(r: Frame, limits: Limits) -> None:
     _id(r.stream_id, "stream_id")
     _between(r.seq, "seq", 0)
-    _between(r.pts_us, "pts_us", 0)
+    _time(r.pts_us, "pts_us")
     _choice(r.codec, "codec", FRAME_CODECS)
     _between(r.width, "width", 1, limits.max_width)
     _between(r.height, "height", 1, limits.max_height)
@@ -698,7 +722,7 @@ def _validate_frame(r: Frame, limits: Limits) -> None:
 def _validate_audio(r: AudioChunk, limits: Limits) -> None:
     _id(r.stream_id, "stream_id")
     _between(r.seq, "seq", 0)
-    _between(r.pts_us, "pts_us", 0)
+    _time(r.pts_us, "pts_us")
     _between(r.sample_rate, "sample_rate", 1, limits.max_sample_rate)
     _between(r.channels, "channels", 1, limits.max_channels)
     _choice(r.sample_format, "sample_format", SAMPLE_FORMATS)
@@ -717,6 +741,14 @@ def _validate_audio(r: AudioChunk, limits: Limits) -> None:
             f"{limits.max_audio_seconds}",
             "payload",
         )
+    n_samples = len(r.payload) // frame_bytes
+    duration_us = -(-n_samples * 1_000_000 // r.sample_rate)  # rounded up
+    if r.pts_us + duration_us > MAX_TIME_US:
+        raise InvalidField(
+            f"pts_us={r.pts_us} plus the chunk's {duration_us} µs of audio ends after "
+            f"MAX_TIME_US={MAX_TIME_US} (2**62 µs): not a plausible time",
+            "pts_us",
+        )
     if r.sample_format == "f32le":
         samples = np.frombuffer(r.payload, dtype="<f4")
         bad = np.flatnonzero(~np.isfinite(samples))
@@ -732,7 +764,7 @@ def _validate_query(r: Query, limits: Limits) -> None:
     _id(r.query_id, "query_id")
     _id(r.stream_id, "stream_id")
     _text(r.text, "text", limits.max_text_chars)
-    _between(r.asked_at_us, "asked_at_us", 0)
+    _time(r.asked_at_us, "asked_at_us")
     if r.options is not None:
         if not r.options:
             raise InvalidField("options is empty; use None for an open question", "options")
@@ -755,7 +787,7 @@ def _validate_answer(r: Answer, limits: Limits) -> None:
     _id(r.stream_id, "stream_id")
     _text(r.text, "text", limits.max_answer_chars, allow_blank=True)
     _pattern(r.model_id, "model_id", _MODEL_ID, "model id")
-    _between(r.answered_at_us, "answered_at_us", 0)
+    _time(r.answered_at_us, "answered_at_us")
     _count(r.evidence, "evidence", limits.max_list_items)
     for i, span in enumerate(r.evidence):
         _span(span.start_us, span.end_us, f"evidence[{i}]")
@@ -780,7 +812,7 @@ def _validate_dead_letter(r: DeadLetter, limits: Limits) -> None:
             "payload_excerpt",
         )
     _between(r.payload_size, "payload_size", len(r.payload_excerpt))
-    _between(r.failed_at_us, "failed_at_us", 0)
+    _time(r.failed_at_us, "failed_at_us")
 
 
 def _topic(value: str, field: str) -> None:
@@ -791,7 +823,7 @@ def _topic(value: str, field: str) -> None:
 def _validate_manifest(r: MemoryManifest, limits: Limits) -> None:
     _id(r.stream_id, "stream_id")
     _between(r.generation, "generation", 0)
-    _between(r.updated_at_us, "updated_at_us", 0)
+    _time(r.updated_at_us, "updated_at_us")
     _between(r.token_budget, "token_budget", 0)
     _between(r.total_tokens, "total_tokens", 0)
     for name in ("frames", "kv_blocks", "source_offsets"):
@@ -799,7 +831,7 @@ def _validate_manifest(r: MemoryManifest, limits: Limits) -> None:
     for i, f in enumerate(r.frames):
         path = f"frames[{i}]"
         _between(f.seq, f"{path}.seq", 0)
-        _between(f.pts_us, f"{path}.pts_us", 0)
+        _time(f.pts_us, f"{path}.pts_us")
         _choice(f.tier, f"{path}.tier", FRAME_TIERS)
         _between(f.tokens, f"{path}.tokens", 0)
         _finite(f.score, f"{path}.score")
@@ -831,8 +863,8 @@ def _validate_manifest(r: MemoryManifest, limits: Limits) -> None:
 def _validate_visual_note(r: VisualNote, limits: Limits) -> None:
     _id(r.stream_id, "stream_id")
     _between(r.seq, "seq", 0)
-    _between(r.pts_us, "pts_us", 0)
-    _between(r.wall_us, "wall_us", 0)
+    _time(r.pts_us, "pts_us")
+    _time(r.wall_us, "wall_us")
     _choice(r.tier, "tier", _NOTE_TIERS)
     _pattern(r.reason, "reason", _NAME, "reason")
     for name in ("score", "threshold"):
@@ -856,9 +888,9 @@ def _validate_visual_note(r: VisualNote, limits: Limits) -> None:
 def _validate_speech_note(r: SpeechNote, limits: Limits) -> None:
     _id(r.stream_id, "stream_id")
     _between(r.seq, "seq", 0)
-    _between(r.start_us, "start_us", 0)
+    _time(r.start_us, "start_us")
     _span(r.start_us, r.end_us, "span")
-    _between(r.wall_us, "wall_us", 0)
+    _time(r.wall_us, "wall_us")
     _text(r.text, "text", limits.max_answer_chars, allow_blank=True)
     _finite(r.avg_logprob, "avg_logprob")
     _finite(r.asr_ms, "asr_ms")

@@ -1,7 +1,8 @@
 """Record types carried on the streamvqa Kafka topics and stored in the object store.
 
 Each record is a frozen, slotted dataclass whose field names match its Arrow
-schema one to one. Times are int64 microseconds (``*_us``) so they stay exact.
+schema one to one. Times are int64 microseconds (``*_us``) so they stay exact, and lie in
+``[0, MAX_TIME_US]``.
 Lists are tuples (records are immutable and hashable); nested list items are
 small frozen dataclasses. Construct records by keyword.
 
@@ -28,6 +29,7 @@ __all__ = [
     "FRAME_CODECS",
     "FRAME_TIERS",
     "IMAGE_CODECS",
+    "MAX_TIME_US",
     "RECORD_TYPES",
     "SAMPLE_FORMATS",
     "SUPPORTED_VERSIONS",
@@ -53,6 +55,12 @@ CURRENT_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 TYPE_KEY = b"streamvqa.type"
 VERSION_KEY = b"streamvqa.version"
+
+#: The latest time any ``*_us`` field may hold (inclusive; the earliest is 0): 2**62 µs, about
+#: 146,000 years of stream time or after the Unix epoch. Half the int64 range, so a time plus a
+#: duration or an offset derived from records (an audio chunk's end, a note's wall-clock offset)
+#: stays far inside int64. Validation refuses a record with a time beyond it, naming the field.
+MAX_TIME_US = 2**62
 
 FRAME_CODECS = frozenset({"jpeg", "png", "rgb24"})
 IMAGE_CODECS = frozenset({"jpeg", "png"})

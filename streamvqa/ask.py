@@ -4,7 +4,8 @@
 waits for its Answer on the answers topic, reading only the partition of its stream from where
 it ended before the question went out. A stream no frame or audio chunk was ever published for
 is refused at once (exit 3), before anything is published; no answer within the timeout exits 4
-with a hint (is the pipeline running?).
+with a hint (is the pipeline running?). An invalid stream id or question exits 2 with a one-line
+error, before anything is read or published (ids: :mod:`streamvqa.cli_ids`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def make_query(
     from streamvqa.schemas import Query
 
     return Query(
-        query_id=query_id or f"{stream_id}-{uuid.uuid4().hex[:12]}",
+        # the stream id cut so the query id stays within the 128 characters an id may have
+        query_id=query_id or f"{stream_id[:115]}-{uuid.uuid4().hex[:12]}",
         stream_id=stream_id,
         text=text,
         asked_at_us=asked_at_us if asked_at_us is not None else time.time_ns() // 1000,
@@ -103,13 +105,17 @@ def ask(
     check_stream: bool = True,
     query_id: str | None = None,
 ) -> Answer:
-    """Publish a question and return its answer (raises UnknownStream / AskError)."""
+    """Publish a question and return its answer (raises UnknownStream / AskError; InvalidField for
+    an invalid id or question, before anything is read or published)."""
     from kafka import TopicPartition
 
     from streamvqa import connect
     from streamvqa.produce import high_watermark, partition_for
-    from streamvqa.schemas import decode, encode
+    from streamvqa.schemas import decode, encode, validate_id
 
+    validate_id(stream_id, "stream_id")
+    if query_id is not None:
+        validate_id(query_id, "query_id")
     endpoints = connect.resolve_endpoints(settings)
     if check_stream and not stream_known(settings, endpoints, stream_id):
         raise UnknownStream(
@@ -132,8 +138,10 @@ def ask(
         want = query.query_id.encode()
         while time.monotonic() < deadline:
             for message in consumer.poll(timeout_ms=200).get(tp, []):
-                if message.key == want:
-                    return decode(message.value, Answer)
+                if message.key == want:  # answers are keyed by query id, which two streams may share
+                    answer = decode(message.value, Answer)
+                    if answer.stream_id == stream_id:
+                        return answer
         raise AskError(
             f"no answer to {query.query_id} within {timeout_s:.0f} s: is the pipeline running "
             "(`streamvqa run pipeline`), and has it caught up with the stream?"
@@ -210,8 +218,11 @@ def ask_command(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Project data folder.")] = None,
 ) -> None:
     """Ask a question about a stream and print the answer (with evidence and latency)."""
+    from streamvqa.cli_ids import INVALID_INPUT_EXIT, checked_id
+    from streamvqa.schemas import SchemaError
     from streamvqa.settings import Settings
 
+    stream_id = checked_id(stream_id, "STREAM_ID")
     settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
     payload = codec = None
     if image is not None:
@@ -220,6 +231,9 @@ def ask_command(
     try:
         answer = ask(settings, stream_id, question, image=payload, image_codec=codec,
                      options=tuple(option) if option else None, timeout_s=timeout)
+    except SchemaError as err:  # the question itself is invalid (blank, too long, a bad image)
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(INVALID_INPUT_EXIT) from err
     except UnknownStream as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(3) from err
@@ -237,8 +251,11 @@ def answers_command(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Project data folder.")] = None,
 ) -> None:
     """Follow the answers topic and print each answer as it arrives."""
+    from streamvqa.cli_ids import checked_id
     from streamvqa.settings import Settings
 
+    if stream is not None:
+        stream = checked_id(stream, "--stream")
     settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
     for answer in follow_answers(settings, stream_id=stream, from_beginning=not new, idle_timeout_s=idle_timeout):
         typer.echo(_as_json(answer) if as_json else f"[{answer.stream_id}] {format_answer(answer)}")

@@ -28,8 +28,9 @@ Resume rule
     Before sending, the tail of the partition that the stream id hashes to (the producer's own
     partitioner) is read on the frames and on the audio topic, at most ``resume_window``
     messages back from the high watermark (taken from a fetch response: ListOffsets "latest"
-    is wrong on the embedded broker), widening the window until a record of the stream is
-    found or the partition's start is reached. Sequence numbers continue at ``last_seq + 1``
+    is wrong on the embedded broker), widening the window until a record of the stream (keyed by
+    the stream id and naming it in its body; anything else is skipped) is found or the
+    partition's start is reached. Sequence numbers continue at ``last_seq + 1``
     (frames and audio separately).
 
     * File and folder sources are deterministic: the sampling grid and the audio chunk grid
@@ -110,6 +111,9 @@ class ProduceOptions:
     resume_window: int = 1000  # messages read back from the end per step
 
     def __post_init__(self) -> None:
+        from streamvqa.schemas import validate_id
+
+        validate_id(self.stream_id, "stream_id")  # InvalidField (a ValueError) naming it
         checks = {
             "fps": self.fps is None or self.fps > 0,
             "speed": self.speed is None or self.speed > 0,
@@ -208,8 +212,10 @@ def find_last(
     """The record of ``stream_id`` with the highest seq near the end of ``topic``/``partition``.
 
     Reads ``[high - window, high)``, then twice as far back, ... until a record of the stream
-    turns up or the partition's first offset is reached. Messages with another key, or that
-    do not decode, are ignored.
+    turns up or the partition's first offset is reached. Only a message keyed ``stream_id`` whose
+    record decodes and names ``stream_id`` counts: messages with another key, that do not decode,
+    or whose record is of another stream than their key says are ignored (one such message must
+    not stop a stream from resuming).
     """
     from kafka import TopicPartition
 
@@ -264,6 +270,8 @@ def _scan_range(consumer, tp, start, stop, key, record_type, timeout_s) -> LastR
             try:
                 record = decode(message.value, record_type)
             except SchemaError:
+                continue
+            if record.stream_id.encode() != key:  # the body names another stream than the key
                 continue
             if best is None or record.seq > best.seq:
                 best = LastRecord(record.seq, record.pts_us, _end_us(record), message.offset)
@@ -836,10 +844,12 @@ def produce_command(
     """Publish a video source to the frames and audio topics (resumes a stream after a restart)."""
     from rich.console import Console
 
+    from streamvqa.cli_ids import checked_id
     from streamvqa.infra.local.process import StackError
     from streamvqa.schemas import SchemaError
     from streamvqa.settings import Settings
 
+    stream_id = checked_id(stream_id, "--stream-id")
     console = Console(stderr=True)
     av_options = {}
     for item in av_option or []:

@@ -15,7 +15,17 @@ import pyarrow as pa
 import pytest
 from streamvqa.operators.io.records import KafkaRecord
 from streamvqa.pipelines.video_qa.graph import StageFactories
-from streamvqa.schemas import AudioChunk, Frame, Query, SchemaError, SpeechNote, VisualNote, decode, encode
+from streamvqa.schemas import (
+    MAX_TIME_US,
+    AudioChunk,
+    Frame,
+    Query,
+    SchemaError,
+    SpeechNote,
+    VisualNote,
+    decode,
+    encode,
+)
 
 from streamvqa.media import encode_jpeg
 
@@ -59,8 +69,8 @@ GOOD_AUDIO = AudioChunk(stream_id=SID, seq=0, pts_us=0, sample_rate=16_000, chan
 GOOD_QUERY = Query(query_id="q-1", stream_id=SID, text="What happened?", asked_at_us=1)
 
 
-def corpus() -> dict[str, list[tuple[str, bytes, str]]]:
-    """topic -> (what, message, expected reason)."""
+def corpus() -> dict[str, list[tuple]]:
+    """topic -> (what, message, expected reason[, the field it must name])."""
     jpeg = GOOD_FRAME.payload
     nan_audio = np.zeros(1600, "<f4")
     nan_audio[7] = np.nan
@@ -81,6 +91,7 @@ def corpus() -> dict[str, list[tuple[str, bytes, str]]]:
             ("negative seq", raw(GOOD_FRAME, seq=-5), "invalid_field"),
             ("an audio chunk on the frames topic", encode(GOOD_AUDIO), "wrong_type"),
             ("key of another stream", encode(dataclasses.replace(GOOD_FRAME, stream_id="other")), "invalid_field"),
+            ("pts at the end of int64", raw(GOOD_FRAME, pts_us=2**63 - 1), "invalid_field", "pts_us"),
         ],
         "audio": [
             ("NaN samples", raw(GOOD_AUDIO, payload=nan_audio.tobytes()), "invalid_field"),
@@ -89,6 +100,9 @@ def corpus() -> dict[str, list[tuple[str, bytes, str]]]:
             ("odd byte count", raw(GOOD_AUDIO, payload=bytes(7)), "invalid_field"),
             ("wrong schema version", raw(GOOD_AUDIO, schema_version=9), "wrong_version"),
             ("two minutes in one chunk", raw(GOOD_AUDIO, payload=bytes(4 * 16_000 * 120)), "invalid_field"),
+            # refused when decoded, naming pts_us, not later when pts + duration overflows a note's end_us
+            ("pts at the end of int64", raw(GOOD_AUDIO, pts_us=2**63 - 1), "invalid_field", "pts_us"),
+            ("ends after MAX_TIME_US", raw(GOOD_AUDIO, pts_us=MAX_TIME_US - 1), "invalid_field", "pts_us"),
         ],
         "queries": [
             ("empty question", raw(GOOD_QUERY, text=""), "invalid_field"),
@@ -99,6 +113,7 @@ def corpus() -> dict[str, list[tuple[str, bytes, str]]]:
             ("image without codec", raw(GOOD_QUERY, image=_jpeg(1), image_codec=None), "invalid_field"),
             ("bad query id", raw(GOOD_QUERY, query_id="../../etc"), "invalid_field"),
             ("asked at before 1970", raw(GOOD_QUERY, asked_at_us=-1), "invalid_field"),
+            ("asked at int64's end", raw(GOOD_QUERY, asked_at_us=2**63 - 1), "invalid_field", "asked_at_us"),
             ("wrong schema version", raw(GOOD_QUERY, schema_version=3), "wrong_version"),
             ("a frame on the queries topic", encode(GOOD_FRAME), "wrong_type"),
             ("about another stream than its key", encode(dataclasses.replace(GOOD_QUERY, stream_id="victim")),
@@ -125,11 +140,13 @@ def test_corpus_every_bad_message_is_refused_with_its_reason(stages) -> None:
     for topic, cases in corpus().items():
         stage = stages[topic]
         state = stage.initial_state(SID)
-        for what, value, reason in cases:
+        for what, value, reason, *field in cases:
             with pytest.raises(SchemaError) as info:
                 stage.process(state, rec(topic, value, 0))
                 pytest.fail(f"{topic}: {what} was accepted")
             assert info.value.reason == reason, (topic, what, info.value)
+            if field:
+                assert info.value.field == field[0], (topic, what, info.value)
 
 
 def test_good_messages_around_bad_ones_and_sequence_numbers(stages) -> None:

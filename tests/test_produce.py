@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamvqa.schemas import AudioChunk, Frame, decode, validate
+from streamvqa.schemas import AudioChunk, Frame, decode, encode, validate
 
 from streamvqa import connect, media
 from streamvqa.produce import ProduceOptions, produce, sample_times
-from tests.kafka_helpers import frame_bytes, new_topics
+from tests.kafka_helpers import frame_bytes, new_topics, read_all
 
 pytestmark = pytest.mark.stack
 
@@ -187,6 +187,59 @@ def test_resume_continues_numbering_without_gaps_or_duplicates(stack_settings, e
     assert np.diff([c.pts_us for c in chunks]).tolist() == [1_000_000] * 5
     third = run(None)  # nothing left to send
     assert (third.frames, third.audio_chunks, third.first_frame_seq) == (0, 0, 27)
+
+
+def test_resume_ignores_a_message_keyed_by_the_stream_that_names_another(
+    stack_settings, endpoints, tmp_path
+) -> None:
+    """Issue #20, defect 5: the resume scan counts only records whose body names the stream. A message
+    keyed K whose record is another stream's (seq and pts far ahead), or that does not decode, must not
+    make `produce --stream-id K` skip its frames."""
+    from PIL import Image
+
+    frames_topic, audio_topic = new_topics(stack_settings, endpoints, "frames", "audio", partitions=1)
+    for i in range(6):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    stream = _stream("keyed")
+
+    def run(limit=None):
+        return produce(
+            stack_settings,
+            tmp_path,
+            ProduceOptions(stream_id=stream, image_fps=2.0, limit=limit),
+            endpoints=endpoints,
+            frames_topic=frames_topic,
+            audio_topic=audio_topic,
+        )
+
+    first = run(limit=2)
+    assert (first.frames, first.first_frame_seq) == (2, 0)
+    producer = connect.producer(stack_settings, endpoints)
+    forged = Frame(
+        stream_id="other",
+        seq=10**9,
+        pts_us=10**15,
+        codec="jpeg",
+        width=16,
+        height=16,
+        payload=b"\xff\xd8" + bytes(16) + b"\xff\xd9",
+    )
+    producer.send(frames_topic, key=stream.encode(), value=encode(forged))  # keyed K, body of "other"
+    producer.send(frames_topic, key=stream.encode(), value=b"not a record")  # keyed K, does not decode
+    producer.flush()
+    producer.close()
+    second = run()
+    assert (second.frames, second.first_frame_seq, second.skipped_frames) == (4, 2, 2)
+    records = [
+        decode(m.value, Frame)
+        for m in read_all(stack_settings, endpoints, frames_topic)
+        if m.value != b"not a record"
+    ]
+    mine = [r for r in records if r.stream_id == stream]
+    assert len(records) == len(mine) + 1  # and the forged one
+    assert [r.seq for r in mine] == list(range(6))
+    assert [r.pts_us for r in mine] == [i * 500_000 for i in range(6)]  # one uninterrupted run's frames
+    assert run().frames == 0  # and it resumes from its own last frame, not the forged one
 
 
 def test_realtime_pacing(stack_settings, endpoints) -> None:

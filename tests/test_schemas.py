@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streamvqa.schemas import (
     DEFAULT_LIMITS,
+    MAX_TIME_US,
     RECORD_TYPES,
     Answer,
     AudioChunk,
@@ -31,8 +32,10 @@ from streamvqa.schemas import (
     SchemaError,
     SchemaMismatch,
     SourceOffset,
+    SpeechNote,
     StageLatency,
     TruncatedMessage,
+    VisualNote,
     WrongRecordType,
     WrongVersion,
     decode,
@@ -62,7 +65,7 @@ def tokens(first: str, rest: str, max_size: int) -> st.SearchStrategy[str]:
 
 
 ids = tokens(ALNUM, ALNUM + "._-", 40).filter(lambda s: ".." not in s)
-times = st.integers(0, 2**63 - 1)
+times = st.integers(0, MAX_TIME_US)
 counters = st.integers(0, 2**63 - 1)
 words = st.text(min_size=1, max_size=40).filter(lambda s: s.strip())
 finite = st.floats(allow_nan=False, allow_infinity=False)
@@ -118,7 +121,7 @@ def audio_chunks(draw) -> AudioChunk:
     return AudioChunk(
         stream_id=draw(ids),
         seq=draw(counters),
-        pts_us=draw(times),
+        pts_us=draw(st.integers(0, MAX_TIME_US - 60_000_000)),  # the chunk ends by MAX_TIME_US too
         sample_rate=draw(st.integers(1, 192_000)),
         channels=channels,
         sample_format=sample_format,
@@ -144,10 +147,8 @@ def queries(draw) -> Query:
 
 @st.composite
 def spans(draw) -> EvidenceSpan:
-    start = draw(st.integers(0, 2**62))
-    return EvidenceSpan(
-        start_us=start, end_us=start + draw(st.integers(0, 2**63 - 1 - start)), score=draw(finite)
-    )
+    start = draw(times)
+    return EvidenceSpan(start_us=start, end_us=draw(st.integers(start, MAX_TIME_US)), score=draw(finite))
 
 
 answers = st.builds(
@@ -189,11 +190,11 @@ def dead_letters(draw) -> DeadLetter:
 
 @st.composite
 def manifest_blocks(draw) -> ManifestBlock:
-    start = draw(st.integers(0, 2**62))
+    start = draw(times)
     return ManifestBlock(
         block_index=draw(counters),
         start_us=start,
-        end_us=start + draw(st.integers(0, 2**63 - 1 - start)),  # stays within int64
+        end_us=draw(st.integers(start, MAX_TIME_US)),
         tier=draw(st.sampled_from(["gpu", "cpu", "disk", "object"])),
         nbytes=draw(counters),
         key=draw(object_keys),
@@ -744,6 +745,25 @@ def test_decode_validates_values_written_by_others() -> None:
 
 NAN_AUDIO = np.array([0.0, np.nan, 0.5, 0.25], dtype="<f4").tobytes()
 INF_AUDIO = np.array([0.0, 0.1, np.inf, 0.25], dtype="<f4").tobytes()
+INT64_MAX = 2**63 - 1
+VISUAL = VisualNote(
+    stream_id="cam-1",
+    seq=1,
+    pts_us=33_333,
+    wall_us=1_700_000_000_033_333,
+    tier="clear",
+    reason="first",
+    tokens=196,
+    memory_tokens=196,
+    cached_fraction=0.0,
+    feature=(0.5,),
+    keyframe_key="",
+    content_hash="ab",
+    encode_ms=1.0,
+)
+SPEECH = SpeechNote(
+    stream_id="cam-1", seq=2, start_us=0, end_us=1_000_000, wall_us=1_700_000_001_000_000, text="hello"
+)
 
 INVALID = [
     # (record, field, fragment of the message)
@@ -931,6 +951,43 @@ INVALID = [
         "source_offsets[0].topic",
         "Kafka topic",
     ),
+    # times: in [0, MAX_TIME_US], refused where validated (naming the field), not later
+    (dataclasses.replace(FRAME, pts_us=INT64_MAX), "pts_us", "MAX_TIME_US"),
+    (dataclasses.replace(FRAME, pts_us=MAX_TIME_US + 1), "pts_us", "MAX_TIME_US"),
+    (dataclasses.replace(AUDIO, pts_us=INT64_MAX), "pts_us", "MAX_TIME_US"),
+    # starts at MAX_TIME_US, so its end is past it
+    (dataclasses.replace(AUDIO, pts_us=MAX_TIME_US), "pts_us", "ends after MAX_TIME_US"),
+    (dataclasses.replace(QUERY, asked_at_us=INT64_MAX), "asked_at_us", "MAX_TIME_US"),
+    (dataclasses.replace(ANSWER, answered_at_us=MAX_TIME_US + 1), "answered_at_us", "MAX_TIME_US"),
+    (
+        dataclasses.replace(ANSWER, evidence=(EvidenceSpan(start_us=0, end_us=INT64_MAX),)),
+        "evidence[0].end_us",
+        "MAX_TIME_US",
+    ),
+    (
+        dataclasses.replace(ANSWER, evidence=(EvidenceSpan(start_us=INT64_MAX, end_us=INT64_MAX),)),
+        "evidence[0].start_us",
+        "MAX_TIME_US",
+    ),
+    (dataclasses.replace(DEAD, failed_at_us=INT64_MAX), "failed_at_us", "MAX_TIME_US"),
+    (dataclasses.replace(MANIFEST, updated_at_us=INT64_MAX), "updated_at_us", "MAX_TIME_US"),
+    (
+        dataclasses.replace(MANIFEST, frames=(dataclasses.replace(MANIFEST.frames[0], pts_us=INT64_MAX),)),
+        "frames[0].pts_us",
+        "MAX_TIME_US",
+    ),
+    (
+        dataclasses.replace(
+            MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], end_us=INT64_MAX),)
+        ),
+        "kv_blocks[0].end_us",
+        "MAX_TIME_US",
+    ),
+    (dataclasses.replace(VISUAL, pts_us=INT64_MAX), "pts_us", "MAX_TIME_US"),
+    (dataclasses.replace(VISUAL, wall_us=INT64_MAX), "wall_us", "MAX_TIME_US"),
+    (dataclasses.replace(SPEECH, start_us=INT64_MAX, end_us=INT64_MAX), "start_us", "MAX_TIME_US"),
+    (dataclasses.replace(SPEECH, end_us=INT64_MAX), "span.end_us", "MAX_TIME_US"),
+    (dataclasses.replace(SPEECH, wall_us=INT64_MAX), "wall_us", "MAX_TIME_US"),
 ]
 
 
@@ -955,8 +1012,37 @@ def test_validation_rule(record, field: str, fragment: str) -> None:
 
 def test_the_valid_base_records_pass() -> None:
     # INVALID's records differ from these valid ones in one field only
-    for record in SAMPLES:
+    for record in [*SAMPLES, VISUAL, SPEECH]:
         validate(record)
+
+
+def test_times_up_to_max_time_us_are_valid() -> None:
+    assert MAX_TIME_US == 2**62  # documented in streamvqa.schemas.records
+    validate(dataclasses.replace(FRAME, pts_us=MAX_TIME_US))
+    validate(dataclasses.replace(QUERY, asked_at_us=MAX_TIME_US))
+    validate(dataclasses.replace(ANSWER, evidence=(EvidenceSpan(start_us=MAX_TIME_US, end_us=MAX_TIME_US),)))
+    validate(dataclasses.replace(SPEECH, start_us=MAX_TIME_US, end_us=MAX_TIME_US, wall_us=MAX_TIME_US))
+    # an audio chunk may end exactly at MAX_TIME_US (16 frames at 16 kHz: 1000 µs), not 1 µs later
+    ending = dataclasses.replace(AUDIO, pts_us=MAX_TIME_US - 1000, payload=AUDIO.payload[: 16 * 8])
+    validate(ending)
+    with pytest.raises(InvalidField) as info:
+        validate(dataclasses.replace(ending, pts_us=ending.pts_us + 1))
+    assert info.value.field == "pts_us"
+
+
+def test_an_audio_chunk_at_the_end_of_int64_is_refused_when_decoded() -> None:
+    """Issue #20, defect 6: a chunk at pts 2**63-1 fits the Arrow schema; it must be refused as soon as
+    it is decoded, with the reason naming pts_us, not later when its end (pts + duration) overflows."""
+    data = raw_message(AudioChunk, [{**row(AUDIO), "pts_us": INT64_MAX}])
+    with pytest.raises(InvalidField) as info:
+        decode(data, AudioChunk)
+    assert info.value.reason == "invalid_field" and info.value.field == "pts_us"
+    assert "pts_us" in str(info.value) and "MAX_TIME_US" in str(info.value)
+    assert "does not fit" not in str(info.value)
+    for cls, record, field in ((Frame, FRAME, "pts_us"), (Query, QUERY, "asked_at_us")):
+        with pytest.raises(InvalidField) as info:
+            decode_any(raw_message(cls, [{**row(record), field: INT64_MAX}]))
+        assert info.value.field == field
 
 
 def test_limits_are_configurable() -> None:
