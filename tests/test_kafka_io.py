@@ -382,37 +382,38 @@ def test_progress_keeps_positions_of_partitions_not_written_since(stack_settings
 
 
 def test_two_streams_reusing_a_query_id_each_get_their_note_once_across_a_kill(stack_settings, endpoints) -> None:
-    """Output identities are scoped by stream (issue #20, defect 4): the ledger suppresses an
-    identity across all partitions of a topic, so two streams asking with the same query id used
-    to lose one stream's forwarded question after a crash in the commit window."""
+    """Output identities are scoped by stream (issue #20, defect 4). The ledger suppresses an
+    identity across all partitions of a topic, once: when two streams on two partitions asked
+    with the same query id and the pipeline was killed in the commit window, the restarted run
+    suppressed the wrong stream's note (one question lost) and wrote the other's again."""
     from streamvqa.pipelines.video_qa.queries import QueryStage
     from streamvqa.schemas import Query, encode
 
-    topic, out = new_topics(stack_settings, endpoints, "qid-in", "qid-out", partitions=1)
-    group = f"g-{topic}"
+    x_topic, y_topic, out = new_topics(stack_settings, endpoints, "qid-x", "qid-y", "qid-out", partitions=1)
+    group = f"g-{x_topic}"
 
-    def query(offset: int, stream: str) -> KafkaRecord:
+    def query(topic: str, stream: str) -> KafkaRecord:
         q = Query(query_id="same-id", stream_id=stream, text=f"what did {stream} say?", asked_at_us=1_000)
-        return KafkaRecord(topic, 0, offset, stream.encode(), encode(q), 0)
+        return KafkaRecord(topic, 0, 0, stream.encode(), encode(q), 0)
 
-    records = [query(0, "cam-x"), query(1, "cam-y")]
+    def task(topic: str, producer) -> PartitionTask:
+        return _task(stack_settings, endpoints, topic, out, group, producer, QueryStage(out),
+                     commit_every=1000, commit_interval_s=1e9)
+
     producer = OutputProducer(connect.producer(stack_settings, endpoints))
-    task = _task(stack_settings, endpoints, topic, out, group, producer, QueryStage(out),
-                 commit_every=1000, commit_interval_s=1e9)
-    task.process(records[0])  # written, not committed: the kill comes in the commit window
+    task(x_topic, producer).process(query(x_topic, "cam-x"))  # written, not committed: killed
     producer.flush()
     producer.close()
 
-    producer = OutputProducer(connect.producer(stack_settings, endpoints))
-    task = _task(stack_settings, endpoints, topic, out, group, producer, QueryStage(out),
-                 commit_every=1000, commit_interval_s=1e9)
-    for record in records[task.progress.next_offset:]:
-        task.process(record)
-    task.commit()
+    producer = OutputProducer(connect.producer(stack_settings, endpoints))  # the restarted run
+    y_task, x_task = task(y_topic, producer), task(x_topic, producer)
+    y_task.process(query(y_topic, "cam-y"))  # the other partition's task gets its turn first
+    x_task.process(query(x_topic, "cam-x"))  # the replay of what the killed run wrote
+    y_task.commit()
+    x_task.commit()
     producer.close()
-    notes = read_all(stack_settings, endpoints, out)
-    by_stream = sorted((m.key, dict(m.headers)["streamvqa-id"]) for m in notes)
-    assert by_stream == [(b"cam-x", b"cam-x/q/same-id"), (b"cam-y", b"cam-y/q/same-id")], by_stream
+    notes = sorted((m.key, dict(m.headers)["streamvqa-id"]) for m in read_all(stack_settings, endpoints, out))
+    assert notes == [(b"cam-x", b"cam-x/q/same-id"), (b"cam-y", b"cam-y/q/same-id")], notes
 
 
 def test_an_output_identity_that_does_not_name_its_stream_is_refused(stack_settings, endpoints) -> None:
