@@ -37,8 +37,11 @@ $(IAC_STAMP): Makefile
 demo: venv
 	$(VENV)/bin/streamvqa demo
 
+# The whole suite, then the floating-point checks again on one torch thread: results must not
+# depend on how a machine splits its reductions (tests/numerics.py).
 test: venv iac-tools
 	$(PY) -m pytest
+	$(PY) -m pytest -m numerics --torch-threads 1 -q
 
 bench: venv
 	$(PY) -m bench

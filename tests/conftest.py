@@ -26,6 +26,29 @@ if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--torch-threads", type=int, default=None,
+        help="torch intra-op threads for this run (and OMP_NUM_THREADS for the processes it starts); "
+             "make test runs the numerics tests again with 1",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threads = config.getoption("--torch-threads")
+    if threads is not None:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import torch
+
+    return f"torch {torch.__version__}: {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.fixture(autouse=True)
 def _no_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Run every test outside the repository so ./streamvqa.toml is never read by accident."""

@@ -17,6 +17,8 @@ from streamvqa.operators.curvature import (
     replay,
 )
 
+pytestmark = pytest.mark.numerics
+
 GRID = (4, 4)  # 16 "patch" tokens per frame keeps payload tests small
 D = 6
 

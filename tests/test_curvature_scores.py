@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from streamvqa.operators.curvature import SCORES, ScoreState, curvature_scores, score_step
 
+pytestmark = pytest.mark.numerics
+
 
 def streaming(features: np.ndarray, name: str) -> np.ndarray:
     state = ScoreState()

@@ -21,6 +21,8 @@ import streamvqa.operators.vision.hf_towers as hf_towers  # registers the hf-* e
 from streamvqa.operators.vision import available_encoders, build_encoder
 from streamvqa.operators.vision.hf_towers import HFVisionTower, detect_family
 
+from tests.numerics import assert_reordered_close, transformer
+
 TINY_TEXT = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -49,6 +51,12 @@ TINY_QWEN_VISION = dict(
     window_size=56,
     fullatt_block_indexes=[1],
 )
+
+# Both tiny towers: 2 layers of width 32 and MLP 64 over at most 64 tokens (tests/numerics.py);
+# the projection/merger adds one reduction of at most 4 x 32 terms.
+TOWER = transformer(width=32, mlp=4 * 32, layers=2, context=64)
+TOWER["depth"] += 1
+pytestmark = pytest.mark.numerics
 
 
 def _quiet_save(model, path: Path) -> Path:
@@ -161,22 +169,22 @@ def test_clip_siglip_tokens_match_the_hf_model(models, fixture, registry_name, f
     vision = reference.vision_model if hasattr(reference, "text_model") else reference
     with torch.inference_mode():
         ref = vision(pixel_values=enc.preprocess(frames))
-    torch.testing.assert_close(out.tokens, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    assert_reordered_close(out.tokens, ref.last_hidden_state, **TOWER)
+    assert_reordered_close(out.pooled, ref.pooler_output, **TOWER)
     if has_cls:  # CLS first, then the patches
         torch.testing.assert_close(out.prefix_tokens[:, 0], ref.last_hidden_state[:, 0])
 
     # deterministic, and a batch equals its frames one by one (and micro-batches)
     torch.testing.assert_close(enc.encode(frames).patch_tokens, out.patch_tokens, atol=0, rtol=0)
     single = torch.cat([enc.encode(f[None]).patch_tokens for f in frames])
-    torch.testing.assert_close(single, out.patch_tokens, atol=1e-5, rtol=1e-5)
+    assert_reordered_close(single, out.patch_tokens, **TOWER)
     enc.max_batch = 2
-    torch.testing.assert_close(enc.encode(frames).pooled, out.pooled, atol=1e-5, rtol=1e-5)
+    assert_reordered_close(enc.encode(frames).pooled, out.pooled, **TOWER)
 
     mixed = [frames[0], _frames(1, 20, 70, seed=1)[0], frames[2]]  # frames of different sizes
     out_mixed = enc.encode(mixed)
     assert out_mixed.patch_tokens.shape == (3, 16, 32)
-    torch.testing.assert_close(out_mixed.patch_tokens[[0, 2]], out.patch_tokens[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert_reordered_close(out_mixed.patch_tokens[[0, 2]], out.patch_tokens[[0, 2]], **TOWER)
 
 
 def test_clip_projection_and_other_input_sizes(models) -> None:
@@ -188,7 +196,7 @@ def test_clip_projection_and_other_input_sizes(models) -> None:
     with torch.inference_mode():
         ref = reference.get_image_features(pixel_values=enc.preprocess(frames))
     ref = getattr(ref, "pooler_output", ref)  # transformers 5: a model output, 4.x: the tensor
-    torch.testing.assert_close(out.pooled, ref, atol=1e-5, rtol=1e-5)
+    assert_reordered_close(out.pooled, ref, **TOWER)
     assert enc.describe()["pool"].startswith("image_embeds")
     # a vision-only checkpoint has no visual_projection: a clear error, not random weights
     with pytest.raises(ValueError, match=r"missing weights.*visual_projection"):
@@ -271,15 +279,15 @@ def test_qwen_tower_matches_the_full_model_and_its_image_processor(models) -> No
             pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
         )
     ref = torch.stack(list(ref.pooler_output))  # one (12, 48) tensor per image
-    torch.testing.assert_close(out.patch_tokens, ref, atol=1e-5, rtol=1e-5)
+    assert_reordered_close(out.patch_tokens, ref, **TOWER)
 
     # deterministic; batch == one by one; frames of other sizes are resized to the fixed input
     torch.testing.assert_close(enc.encode(frames).patch_tokens, out.patch_tokens, atol=0, rtol=0)
     single = torch.cat([enc.encode(f[None]).patch_tokens for f in frames])
-    torch.testing.assert_close(single, out.patch_tokens, atol=1e-5, rtol=1e-5)
+    assert_reordered_close(single, out.patch_tokens, **TOWER)
     mixed = enc.encode([frames[0], _frames(1, 50, 90, seed=3)[0]])
     assert mixed.patch_tokens.shape == (2, 12, 48)
-    torch.testing.assert_close(mixed.patch_tokens[0], out.patch_tokens[0], atol=1e-5, rtol=1e-5)
+    assert_reordered_close(mixed.patch_tokens[0], out.patch_tokens[0], **TOWER)
     with pytest.raises(ValueError, match="multiple of patch size 28"):
         build_encoder("hf-qwen2.5-vl", path=path, image_size=(112, 70))
 

