@@ -572,7 +572,7 @@ def _streams(fps: float, duration_s: float, seed: int, tune_seed: int, meta: dic
 
 
 def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None, seed: int = 0,
-         tune_seed: int = 1, use_cache: bool = True) -> dict:
+         tune_seed: int = 1, use_cache: bool = True, update_docs: bool = False) -> dict:
     duration_s = duration_s or (90.0 if quick else 300.0)
     meta = {v: probe(v) for v in VIDEOS}
     test, tune = _streams(fps, duration_s, seed, tune_seed, meta)
@@ -699,8 +699,7 @@ def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None,
         for fraction in BUDGETS:
             plot_timeline(test, feats[("test", chosen.pool)], cfg_chosen, fraction,
                           OUT / f"curvature_timeline_{round(fraction * 100)}.png")
-        if not quick:  # the doc's copy: the tightest budget, where downgrades and merges show
-            DOCS.mkdir(exist_ok=True)
+        if update_docs:  # the doc's copy, only when asked: the tightest budget, where downgrades and merges show
             plot_timeline(test, feats[("test", chosen.pool)], cfg_chosen, 0.10, DOCS / "curvature_timeline.png", dpi=60)
         progress.advance(task)
         plot_scores(test, feats[("test", chosen.pool)], OUT / "curvature_scores.png")
@@ -774,5 +773,7 @@ if __name__ == "__main__":
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="also rewrite docs/curvature_timeline.png (tracked); otherwise outputs go to bench/out/")
     a = parser.parse_args()
-    main(quick=a.quick, fps=a.fps, duration_s=a.duration, use_cache=not a.no_cache)
+    main(quick=a.quick, fps=a.fps, duration_s=a.duration, use_cache=not a.no_cache, update_docs=a.update_docs)
