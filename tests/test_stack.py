@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -284,6 +285,142 @@ def test_object_store_http_ports_refuse_anonymous_access(stack_settings: Setting
     assert not accepted, f"{len(accepted)} anonymous requests accepted:\n" + "\n".join(accepted[:40])
     assert store.get(key) == secret  # unchanged
     assert not store.contains("streams/anon-probe/planted")
+    store.delete(key)
+
+
+# -- the object store's gRPC ports: mutual TLS ----------------------------------------------
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+def _h2_first_frame(port: int | str, tls: ssl.SSLContext | None) -> bytes | str:
+    """Open an HTTP/2 connection (what a gRPC client does, over ``tls`` or in plain text) to a
+    loopback port or a unix socket, and return the server's first frame header, or why there
+    is none."""
+    try:
+        if isinstance(port, str):
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(5)
+            raw.connect(port)
+        else:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with raw:
+            conn = tls.wrap_socket(raw, server_hostname="localhost") if tls is not None else raw
+            with conn:
+                conn.sendall(_H2_PREFACE)
+                head = b""
+                while len(head) < 9:
+                    chunk = conn.recv(9 - len(head))
+                    if not chunk:
+                        return f"closed after {len(head)} bytes"
+                    head += chunk
+                return head
+    except (OSError, ssl.SSLError) as err:  # ssl.SSLError: e.g. alert certificate required
+        return f"{type(err).__name__}: {err}"
+
+
+def _is_settings_frame(answer: bytes | str) -> bool:
+    return isinstance(answer, bytes) and answer[3] == 0x04  # frame type 4: SETTINGS
+
+
+def _tls_context(tls_dir: Path, client_dir: Path | None) -> ssl.SSLContext:
+    """Trusts the stack's CA in ``tls_dir`` (the server's certificate must verify as localhost);
+    presents the client certificate in ``client_dir``, if any."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls_dir / "ca.crt"))
+    context.set_alpn_protocols(["h2"])
+    if client_dir is not None:
+        context.load_cert_chain(client_dir / "client.crt", client_dir / "client.key")
+    return context
+
+
+def test_object_store_grpc_ports_require_a_client_certificate(stack_settings: Settings, tmp_path: Path) -> None:
+    """The master's, volume server's, filer's and S3 gateway's gRPC ports (and the unix sockets
+    SeaweedFS serves the same gRPC on) take only TLS connections that present a certificate of
+    the stack's CA: no plain text, no TLS without a client certificate or with one of another
+    CA. With the stack's client certificate each port answers (it is alive, and its certificate
+    verifies as localhost against the stack's CA)."""
+    ports = seaweedfs.SeaweedPorts.from_list(LocalStack(stack_settings).state().s3_ports)
+    grpc = {"master": ports.master_grpc, "volume": ports.volume_grpc,
+            "filer": ports.filer_grpc, "s3": ports.s3_grpc}
+    sockets = {name: f"/tmp/seaweedfs-{name}-grpc-{port}.sock" for name, port in grpc.items()}
+    plain = [f"{name} ({port})" for name, port in grpc.items() if _is_settings_frame(_h2_first_frame(port, None))]
+    plain += [path for path in sockets.values() if _is_settings_frame(_h2_first_frame(path, None))]
+    assert not plain, f"gRPC in plain text on: {', '.join(plain)}"
+    assert all(Path(path).is_socket() for path in sockets.values()), f"a gRPC unix socket is missing: {sockets}"
+
+    tls_dir = stack_settings.stack_dir / "seaweedfs" / seaweedfs.TLS_DIR
+    seaweedfs.write_grpc_certs(tmp_path)  # another stack's CA and client certificate
+    refused = {
+        "no client certificate": _tls_context(tls_dir, None),
+        "a certificate of another CA": _tls_context(tls_dir, tmp_path / seaweedfs.TLS_DIR),
+    }
+    mutual = _tls_context(tls_dir, tls_dir)
+    for name, port in grpc.items():
+        for how, context in refused.items():
+            answer = _h2_first_frame(port, context)
+            assert not _is_settings_frame(answer), f"{name} gRPC port {port} answers TLS with {how}"
+        answer = _h2_first_frame(port, mutual)
+        assert _is_settings_frame(answer), f"{name} gRPC port {port} with the stack's certificate: {answer}"
+    # Keys and certificates are private; the CA's key is not kept at all.
+    assert {p.name for p in tls_dir.iterdir()} == {"ca.crt"} | {
+        f"{c}.{ext}" for c in seaweedfs.GRPC_TLS_COMPONENTS for ext in ("crt", "key")
+    }
+    for path in [tls_dir, *tls_dir.iterdir()]:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode & 0o777)}"
+
+
+def _weed(config_dir: Path, args: list[str], script: str = "", timeout_s: float = 30) -> tuple[int | None, str]:
+    """Run the stack's own ``weed`` with ``-config_dir``: (exit code or None on time-out, output)."""
+    try:
+        done = subprocess.run(
+            [str(seaweedfs.weed_binary()), f"-config_dir={config_dir}", *args],
+            input=script, capture_output=True, text=True, timeout=timeout_s,
+        )
+        return done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"") + (err.stderr or b"")
+        return None, out.decode(errors="replace") if isinstance(out, bytes) else out
+
+
+def test_weed_tools_without_the_stack_certificate_reach_nothing(
+    stack_settings: Settings, endpoints, tmp_path: Path
+) -> None:
+    """``weed shell`` and ``weed filer.meta.tail`` with a config folder that has no certificates
+    neither list, read nor delete entries through the master and filer gRPC ports; with the
+    stack's own ``security.toml`` the same commands work (what is refused is the client, not a
+    dead port)."""
+    ports = seaweedfs.SeaweedPorts.from_list(LocalStack(stack_settings).state().s3_ports)
+    store = connect.object_store(stack_settings, endpoints)
+    name = "keyframe-" + os.urandom(6).hex()
+    key = f"streams/grpc-probe/{name}"
+    secret = b"private keyframe " + os.urandom(16).hex().encode()
+    store.put(key, secret)
+    folder = f"/buckets/{stack_settings.s3.bucket}/streams/grpc-probe"
+    path = f"{folder}/{name}"
+    master = f"127.0.0.1:{ports.master}.{ports.master_grpc}"
+    filer = f"127.0.0.1:{ports.filer}.{ports.filer_grpc}"
+    shell = ["shell", f"-master={master}", f"-filer={filer}"]
+    tail = ["filer.meta.tail", f"-filer={filer}", f"-pathPrefix={folder}", "-timeAgo=24h", "-untilTimeAgo=1ms"]
+    read = f"fs.meta.cat {path}\nfs.ls -l {folder}\n"
+    stranger = tmp_path / "no-certs"
+    stranger.mkdir(mode=0o700)
+    (stranger / seaweedfs.SECURITY_FILE).write_text("[access]\nui = false\n")  # found before ~/.seaweedfs
+
+    # No client certificate: the shell never gets through to the master (it keeps retrying,
+    # running no command), the filer drops the metadata subscription.
+    code, out = _weed(stranger, shell, read + f"fs.rm {path}\n", timeout_s=8)
+    assert name not in out and "fileId" not in out, out[-2000:]
+    code, out = _weed(stranger, tail)
+    assert "rpc error" in out and name not in out, out[-2000:]
+    assert store.get(key) == secret  # still there, unchanged
+
+    # The stack's own certificates: the same commands work.
+    own = stack_settings.stack_dir / "seaweedfs"
+    code, out = _weed(own, shell, read)
+    assert code == 0 and f'"name":  "{name}"' in out and "fileId" in out, out[-2000:]
+    code, out = _weed(own, tail)
+    assert code == 0 and f'"{name}"' in out, out[-2000:]
+    assert store.get(key) == secret
     store.delete(key)
 
 

