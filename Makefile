@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 IAC_VENV := .venv-iac
 IAC_STAMP := $(IAC_VENV)/.installed
 
-.PHONY: venv iac-tools demo test bench lint services-up services-down clean
+.PHONY: venv iac-tools demo test bench lint typecheck services-up services-down clean
 
 venv: $(STAMP)
 
@@ -46,8 +46,15 @@ test: venv iac-tools
 bench: venv
 	$(PY) -m bench
 
+# ruff's lint rules, then mypy ([tool.mypy] in pyproject.toml). .ci/run runs it before the tests.
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(PY) .ci/typecheck.py
+
+# mypy alone. .ci/typecheck.py lays out the package-dir mapping (streamvqa.operators ->
+# operators/, ...) for it under build/mypy-layout; arguments: MYPY_ARGS="...".
+typecheck: venv
+	$(PY) .ci/typecheck.py $(MYPY_ARGS)
 
 services-up: venv
 	$(VENV)/bin/streamvqa services up
@@ -56,4 +63,4 @@ services-down: venv
 	$(VENV)/bin/streamvqa services down
 
 clean:
-	rm -rf $(VENV) $(IAC_VENV) .data build *.egg-info
+	rm -rf $(VENV) $(IAC_VENV) .data build *.egg-info .mypy_cache

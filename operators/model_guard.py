@@ -68,7 +68,9 @@ class ModelGuard:
     def __init__(self, name: str, policy: CallPolicy | None = None,
                  is_outage: Callable[[BaseException], bool] | None = None) -> None:
         if is_outage is None:
-            from streamvqa.operators.io.exactly_once import is_outage
+            from streamvqa.operators.io.exactly_once import is_outage as default_is_outage
+
+            is_outage = default_is_outage
         self.name, self.policy, self.is_outage = name, policy or CallPolicy(), is_outage
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
@@ -86,6 +88,7 @@ class ModelGuard:
         return self._worker.submit(lambda: self._attempt(*args))
 
     def _retire_worker(self) -> None:
+        assert self._worker is not None  # retired only after _start gave it a call
         self._worker.retire()
         self._worker = None
 
@@ -93,7 +96,8 @@ class ModelGuard:
              what: str = "") -> Any:
         """``fn()`` under the policy; ``rollback()`` runs (holding the model) before each retry;
         ``what`` names the input in the messages (e.g. ``frame 12 of cam-1``)."""
-        policy, errors = self.policy, []
+        policy = self.policy
+        errors: list[str] = []
         label = f"{self.name}{f' on {what}' if what else ''}"
         for attempt in range(1, policy.attempts + 1):
             if attempt > 1:

@@ -22,7 +22,8 @@ import math
 import re
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pyarrow as pa
@@ -142,7 +143,7 @@ def _to_row(value: Any) -> Any:
 def _from_row(cls: type[Record], row: dict[str, Any]) -> Record:
     """The inverse of :func:`_to_row` for one decoded row (values not yet validated)."""
     kwargs = {}
-    for name, item_cls in _row_fields(cls):
+    for name, item_cls in _row_fields(cls):  # type: ignore[arg-type]  # mypy: a union of classes is not Hashable
         value = row[name]
         if isinstance(value, list):
             value = tuple(
@@ -160,11 +161,16 @@ def _row_fields(cls: type[Record]) -> tuple[tuple[str, type | None], ...]:
 # ------------------------------------------------------------------------ decoding
 
 
-def decode(data: bytes, record_type: type[Record], limits: Limits | None = None) -> Record:
+_R = TypeVar("_R", bound=Record)
+
+
+def decode(data: bytes, record_type: type[_R], limits: Limits | None = None) -> _R:
     """Decode one ``record_type`` message; raises only :class:`SchemaError` subclasses."""
     if record_type not in RECORD_TYPES.values():
         raise TypeError(f"not a streamvqa record type: {record_type!r}")
-    return _decode(data, record_type, limits or DEFAULT_LIMITS)
+    # the cast: _record_class refuses a message of any other type (WrongRecordType); the ignore:
+    # mypy does not take type[_R] for type[Record] when _R is bound to a union
+    return cast(_R, _decode(data, record_type, limits or DEFAULT_LIMITS))  # type: ignore[arg-type]
 
 
 def decode_any(data: bytes, limits: Limits | None = None) -> Record:
@@ -194,10 +200,10 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
             f"message is {len(data)} bytes, more than max_message_bytes={limits.max_message_bytes}"
         )
     known = _known_schema(data, expected)
-    if known is not None and known[2] is not None:
+    if known is not None and (plan := known[2]) is not None:
         # the schema message is byte for byte a flat one that passed every check: read its one
         # batch without pyarrow (anything the reader does not vouch for takes the path below)
-        cls, version, plan = known
+        cls, version, _ = known
         row = read_row(data, 8 + int.from_bytes(data[4:8], "little", signed=True), plan)
         if row is not None:
             return _record(cls, version, row, limits)
@@ -503,7 +509,7 @@ def validate(record: Record, limits: Limits | None = None) -> None:
             found=version,
             supported=SUPPORTED_VERSIONS,
         )
-    for spec in _field_specs(cls):
+    for spec in _field_specs(cls):  # type: ignore[arg-type]  # mypy: a union of classes is not Hashable
         _check_value(getattr(record, spec.name), spec, spec.name)
     _VALIDATORS[cls](record, limits)
 
@@ -577,10 +583,11 @@ def _check_value(value: Any, spec: _Spec, path: str) -> None:
         if not isinstance(value, tuple):
             raise InvalidField(f"{path} must be a tuple, got {type(value).__name__}", path)
         item_cls = spec.item_cls
+        item_spec = cast(_Spec, spec.item)  # what _spec sets for a list of plain values (no item_cls)
         for i, item in enumerate(value):
             item_path = f"{path}[{i}]"
             if item_cls is None:
-                _check_value(item, spec.item, item_path)
+                _check_value(item, item_spec, item_path)
                 continue
             if not isinstance(item, item_cls):
                 raise InvalidField(
@@ -631,7 +638,7 @@ def _pattern(value: str, field: str, pattern: re.Pattern[str], what: str) -> Non
         raise InvalidField(f"{field} {_show(value)} is not a valid {what}", field)
 
 
-def _between(value: int, field: str, low: float, high: float | None = None) -> None:
+def _between(value: float, field: str, low: float, high: float | None = None) -> None:
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise InvalidField(f"{field} must be {bound}, got {value}", field)
@@ -776,7 +783,7 @@ def _validate_query(r: Query, limits: Limits) -> None:
     if (r.image is None) != (r.image_codec is None):
         missing = "image_codec" if r.image_codec is None else "image"
         raise InvalidField(f"image and image_codec go together; {missing} is missing", missing)
-    if r.image is not None:
+    if r.image is not None and r.image_codec is not None:  # both or neither (checked above)
         _choice(r.image_codec, "image_codec", IMAGE_CODECS)
         _payload(r.image, "image", limits)
         _image(r.image_codec, r.image, "image")
@@ -903,7 +910,7 @@ def _validate_speech_note(r: SpeechNote, limits: Limits) -> None:
 
 _NOTE_TIERS = frozenset({"clear", "fuzzy"})
 
-_VALIDATORS = {
+_VALIDATORS: dict[type[Record], Callable[[Any, Limits], None]] = {
     Frame: _validate_frame,
     AudioChunk: _validate_audio,
     Query: _validate_query,

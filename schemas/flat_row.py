@@ -44,7 +44,8 @@ class FlatPlan:
     @classmethod
     def of(cls, schema: pa.Schema) -> FlatPlan | None:
         """The plan for ``schema``, or None if a field is not of a flat type read here."""
-        fields, buffers = [], 0
+        fields: list[tuple[str, struct.Struct | None, bool]] = []
+        buffers = 0
         for field in schema:
             type_id = field.type.id
             if type_id in _FIXED:

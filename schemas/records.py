@@ -69,8 +69,6 @@ SAMPLE_FORMATS: dict[str, int] = {"s16le": 2, "f32le": 4}
 FRAME_TIERS = frozenset({"clear", "fuzzy", "evicted"})
 BLOCK_TIERS = frozenset({"gpu", "cpu", "disk", "object"})
 
-_record = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-
 
 def _req(name: str, type_: pa.DataType) -> pa.Field:
     return pa.field(name, type_, nullable=False)
@@ -94,7 +92,7 @@ def _schema(name: str, *fields: pa.Field) -> pa.Schema:
 # --------------------------------------------------------------------------- items
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class EvidenceSpan:
     """A time range of the stream that supports an answer."""
 
@@ -103,7 +101,7 @@ class EvidenceSpan:
     score: float = 0.0
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class StageLatency:
     """Time one pipeline stage spent on a query."""
 
@@ -111,7 +109,7 @@ class StageLatency:
     ms: float
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ManifestFrame:
     """One frame known to a stream's memory."""
 
@@ -123,7 +121,7 @@ class ManifestFrame:
     content_hash: str
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ManifestBlock:
     """One block of KV cache and where it lives."""
 
@@ -136,7 +134,7 @@ class ManifestBlock:
     content_hash: str
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SourceOffset:
     """The next input offset of one topic partition covered by a snapshot."""
 
@@ -177,7 +175,7 @@ _SOURCE_OFFSET = pa.struct(
 # ------------------------------------------------------------------------- records
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Frame:
     """One video frame. Key: ``stream_id``."""
 
@@ -207,7 +205,7 @@ class Frame:
         return self.stream_id.encode()
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AudioChunk:
     """A chunk of interleaved PCM audio. Key: ``stream_id``."""
 
@@ -237,7 +235,7 @@ class AudioChunk:
         return self.stream_id.encode()
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Query:
     """A question about a stream. Key: ``stream_id`` (keeps a stream's questions in
     order with its frames)."""
@@ -268,7 +266,7 @@ class Query:
         return self.stream_id.encode()
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Answer:
     """The answer to a query. Key: ``query_id`` (a retried write is recognisable)."""
 
@@ -298,7 +296,7 @@ class Answer:
         return self.query_id.encode()
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DeadLetter:
     """A message that could not be processed. ``key`` keeps the source message's key
     (``message_key()`` returns it); the pipelines publish the letter under the Kafka key
@@ -335,7 +333,7 @@ class DeadLetter:
         return self.key
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryManifest:
     """A snapshot of one stream's memory (object store). Key: ``stream_id``."""
 
@@ -371,7 +369,7 @@ class MemoryManifest:
         return self.stream_id.encode()
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class VisualNote:
     """What the frame stage saw in one frame, for the stream's memory (the internal
     ``memory`` topic). Key: ``stream_id``.
@@ -423,7 +421,7 @@ class VisualNote:
         return self.stream_id.encode()
 
 
-@_record
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SpeechNote:
     """What was said in ``[start_us, end_us)`` of a stream (the internal ``memory`` topic).
     Key: ``stream_id``. A blank ``text`` is a progress mark: the audio has been heard up to

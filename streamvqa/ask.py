@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -223,7 +223,8 @@ def ask_command(
     from streamvqa.settings import Settings
 
     stream_id = checked_id(stream_id, "STREAM_ID")
-    settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
+    overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir else {}
+    settings = Settings(**overrides)
     payload = codec = None
     if image is not None:
         payload = image.read_bytes()
@@ -256,6 +257,7 @@ def answers_command(
 
     if stream is not None:
         stream = checked_id(stream, "--stream")
-    settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
+    overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir else {}
+    settings = Settings(**overrides)
     for answer in follow_answers(settings, stream_id=stream, from_beginning=not new, idle_timeout_s=idle_timeout):
         typer.echo(_as_json(answer) if as_json else f"[{answer.stream_id}] {format_answer(answer)}")

@@ -226,14 +226,14 @@ def run_demo(
                 asked[query.query_id] = i
                 console.log(f"[bold]Q{i + 1}[/] at {q.at_s:.0f} s: {q.text}" + (" [image]" if image else ""))
             for answer in answers_thread.take():
-                i = asked.get(answer.query_id)
-                if i is None:
+                index = asked.get(answer.query_id)
+                if index is None:
                     continue
-                if i in result.answers:
+                if index in result.answers:
                     result.duplicates += 1
                     continue
-                result.answers[i] = answer
-                console.print(_answer_panel(i, answer, result.hit(i)))
+                result.answers[index] = answer
+                console.print(_answer_panel(index, answer, result.hit(index)))
             if producer_error:
                 raise DemoError(f"the producer failed: {producer_error[0]}") from producer_error[0]
             if pipeline.poll() is not None:
@@ -302,6 +302,7 @@ def _answer_panel(i: int, answer: Answer, hit: bool | None) -> str:
 
 def _print_summary(console: Console, result: DemoResult) -> None:
     media = result.media
+    assert media is not None  # run_demo sets it first
     table = Table("Q", "asked", "question", "answer", "evidence", "right place", "ms")
     for i, q in enumerate(media.questions):
         a = result.answers.get(i)
@@ -331,6 +332,7 @@ def _report_data(settings: Settings, endpoints, result: DemoResult):
     from streamvqa.schemas import SchemaError, decode, decode_any
 
     media = result.media
+    assert media is not None  # run_demo sets it first
     key = result.stream_id.encode()
     frames, speech = [], []
     for message in read_partition_of(settings, endpoints, settings.topics.memory, key):

@@ -109,7 +109,7 @@ def write_wav(path: Path, samples: np.ndarray) -> None:
 def _fit(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def build_demo_media(

@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import numpy as np
 import typer
@@ -280,8 +280,9 @@ def _scan_range(consumer, tp, start, stop, key, record_type, timeout_s) -> LastR
 
 def _end_us(record: Frame | AudioChunk) -> int:
     if hasattr(record, "sample_rate"):
-        width = record.channels * (2 if record.sample_format == "s16le" else 4)
-        return record.pts_us + len(record.payload) // width * 1_000_000 // record.sample_rate
+        audio = cast("AudioChunk", record)  # only AudioChunk has a sample rate
+        width = audio.channels * (2 if audio.sample_format == "s16le" else 4)
+        return audio.pts_us + len(audio.payload) // width * 1_000_000 // audio.sample_rate
     return record.pts_us
 
 
@@ -353,6 +354,7 @@ def _container_events(source: str, options: ProduceOptions, video: bool, audio: 
                         pts = round(next(fallback) * 1_000_000 / float(rate))
                     yield _VideoEvent(max(0, pts - origin), frame)
                 else:
+                    assert resampler is not None  # there is an audio stream
                     for block in resampler.resample(frame):
                         samples = block.to_ndarray().reshape(-1).astype(np.float32, copy=False)
                         if audio_next is None:
@@ -484,7 +486,7 @@ def _rgb(image: Any, max_w: int | None, max_h: int | None) -> np.ndarray:
             picture = opened.convert("RGB")
             width, height = _fit(picture.width, picture.height, max_w, max_h)
             if (width, height) != picture.size:
-                picture = picture.resize((width, height), Image.BILINEAR)
+                picture = picture.resize((width, height), Image.Resampling.BILINEAR)
             return np.asarray(picture)
     width, height = _fit(image.width, image.height, max_w, max_h)
     if (width, height) != (image.width, image.height):
@@ -537,6 +539,7 @@ class _AudioChunker:
         chunk, rest = data[:n], data[n:]
         self.buffer = [rest] if len(rest) else []
         self.buffered = len(rest)
+        assert self.anchor_us is not None  # set by the first push, before anything is buffered
         pts = self.anchor_us + self.emitted * 1_000_000 // AUDIO_RATE
         self.emitted += n
         return pts, chunk
@@ -703,7 +706,7 @@ def produce(
             """Send ``record`` once the paced clock reaches ``due_us`` (stream time)."""
             nonlocal wall0, pts0, epoch_ms
             if options.speed is not None:
-                if wall0 is None:
+                if wall0 is None or pts0 is None:  # both or neither
                     wall0, pts0 = time.perf_counter(), due_us
                 delay = wall0 + (due_us - pts0) / 1e6 / options.speed - time.perf_counter()
                 if delay > 0:

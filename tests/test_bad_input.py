@@ -25,6 +25,7 @@ from streamvqa.schemas import (
     VisualNote,
     decode,
     encode,
+    make_dead_letter,
 )
 
 from streamvqa.media import encode_jpeg
@@ -121,6 +122,10 @@ def corpus() -> dict[str, list[tuple]]:
         ],
         "memory": [
             ("a frame on the memory topic", encode(GOOD_FRAME), "wrong_type"),
+            # a record without a stream id: refused at once, not an AttributeError retried as a failure
+            ("a dead letter on the memory topic", encode(make_dead_letter(
+                SchemaError("x"), source_topic="t", source_partition=0, source_offset=0, payload=b"x",
+                key=SID.encode())), "wrong_type"),
             ("a note of another stream", encode(SpeechNote(stream_id="victim", seq=0, start_us=0, end_us=1, wall_us=1,
                                                           text="secret")), "wrong_type"),
             ("note with NaN feature", raw(VisualNote(stream_id=SID, seq=0, pts_us=0, wall_us=1, tier="clear",

@@ -177,6 +177,7 @@ class HierarchicalMemory:
         if not self.keep_tokens:
             return None
         full = state.payloads[seq]
+        assert state.grid is not None  # set by the admit that stored the payload
         block = self.compressor.compress(full.tokens, state.grid, self.dtype)
         state.payloads[seq] = block
         return block
@@ -263,6 +264,7 @@ class HierarchicalMemory:
         entry = Entry(seq, seq, pts_us, pts_us, tier, cost, score, 1, content_hash)
         payload = None
         if self.keep_tokens:
+            assert tokens is not None and grid is not None  # validate required both
             if tier == "clear":
                 payload = full_block(tokens, grid, self.dtype)
             else:
@@ -315,6 +317,7 @@ def replay(events: list[MemoryEvent]) -> dict[int, tuple[str, int, int]]:
             del mem[ev.seq]
         elif ev.kind == "merge":
             absorbed = mem.pop(ev.seq)
+            assert ev.into is not None  # a merge names the entry it merges into
             mem[ev.into][1] = ev.tokens
             mem[ev.into][2] = max(mem[ev.into][2], absorbed[2])
         else:

@@ -35,7 +35,7 @@ import numpy as np
 from . import codec
 from .compress import make_compressor
 from .memory import HierarchicalMemory, MemoryPolicy, MemoryState, Overflow
-from .records import Decision, FrameInput, StepOutput
+from .records import Decision, FrameInput, Reason, StepOutput, Tier
 from .scores import ScoreState, check_score, score_step
 from .threshold import KSigmaThreshold, RollingStats
 
@@ -210,6 +210,8 @@ class CurveStream:
         score = score_step(state.scores, frame.feature, c.score)
         th = state.threshold
         threshold, mean, std = th.value(), th.stats.mean, th.stats.std
+        tier: Tier
+        reason: Reason
         if state.frames == 0 and c.first_frame_clear:
             tier, reason = "clear", "first"
         elif math.isnan(score) or not th.ready:

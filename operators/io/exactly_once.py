@@ -592,9 +592,9 @@ class ExactlyOnceDoFn(beam.DoFn):
             if task.tick_due():
                 task.tick()
         else:  # a heartbeat of an idle partition: time passes for the streams it holds
-            task = self._tasks.get((element.topic, element.partition))
-            if task is not None:
-                task.tick()
+            idle = self._tasks.get((element.topic, element.partition))
+            if idle is not None:
+                idle.tick()
         return ()
 
     def finish_bundle(self) -> None:

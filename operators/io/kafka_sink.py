@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
@@ -46,7 +47,7 @@ class OutputProducer:
     def __init__(self, producer: KafkaProducer) -> None:
         self._producer = producer
         self._positions: OutputPositions = {}
-        self._pending: list[tuple[object, str, bytes]] = []  # (future, topic, key) since the last flush
+        self._pending: list[tuple[Any, str, bytes]] = []  # (future, topic, key) since the last flush
         self._suppress: set[tuple[str, bytes]] = set()
         self._partitions: dict[str, list[int]] = {}
         self._partition_of: dict[tuple[str, bytes], int] = {}  # (topic, partition key) -> partition

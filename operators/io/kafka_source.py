@@ -36,6 +36,7 @@ import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from .records import KafkaBatch, KafkaRecord, PartitionRead
@@ -134,7 +135,7 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
     def setup(self) -> None:
         # One consumer per partition this instance reads: each keeps its own prefetched data
         # between bundles (a shared one would drop it on every seek).
-        self._consumers: dict[tuple[str, int], Any] = {}
+        self._consumers = {}
 
     def teardown(self) -> None:
         for consumer in self._consumers.values():
@@ -147,7 +148,7 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
         element: PartitionRead,
         tracker=beam.DoFn.RestrictionParam(),
         watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider()),
-    ) -> Iterable[beam.window.TimestampedValue]:
+    ) -> Iterable[TimestampedValue]:
         from kafka import TopicPartition
 
         restriction: OffsetRange = tracker.current_restriction()
@@ -205,7 +206,7 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
             if self.config.batch and beat is not None and time.monotonic() - self._beat.get(key, 0.0) >= beat:
                 self._beat[key] = time.monotonic()
                 stamp = watermark.current_watermark() or Timestamp.of(time.time())
-                yield beam.window.TimestampedValue(KafkaBatch(element.topic, element.partition, ()), stamp)
+                yield TimestampedValue(KafkaBatch(element.topic, element.partition, ()), stamp)
             low, high = self.config.idle_backoff_s
             delay = min(high, self._idle.get(key, low / 2) * 2)
             self._idle[key] = delay
@@ -226,7 +227,7 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
         if current is None or candidate > current:
             watermark.set_watermark(candidate)
 
-    def _emit(self, records: list[KafkaRecord], watermark) -> Iterator[beam.window.TimestampedValue]:
+    def _emit(self, records: list[KafkaRecord], watermark) -> Iterator[TimestampedValue]:
         """One element per record, or one KafkaBatch per poll (``config.batch``): Beam's
         per-element cost then falls on a batch, not on every message."""
         if not records:
@@ -234,14 +235,14 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
         if self.config.batch:
             stamp = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
             self._advance(watermark, stamp)
-            yield beam.window.TimestampedValue(
+            yield TimestampedValue(
                 KafkaBatch(records[0].topic, records[0].partition, tuple(records)), stamp
             )
             return
         for record in records:
             stamp = Timestamp.of(record.timestamp_ms / 1000.0)
             self._advance(watermark, stamp)
-            yield beam.window.TimestampedValue(record, stamp)
+            yield TimestampedValue(record, stamp)
 
 
 def _headers(headers) -> tuple[tuple[str, bytes], ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 EOS_HEADER = "streamvqa-eos"
 #: An output's identity for the exactly-once ledger when its key is not unique (notes on the
@@ -76,7 +77,7 @@ class Output:
     @property
     def identity(self) -> bytes:
         """What the ledger recognises a repeated write by: the ``streamvqa-id`` header, else the key."""
-        return output_identity(self.key, self.headers)
+        return cast(bytes, output_identity(self.key, self.headers))  # self.key is bytes: never None
 
 
 def scoped_id(stream_id: str, *parts: object) -> str:

@@ -25,6 +25,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -59,11 +60,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    # the ignore: numpy declares ndarray.__buffer__ for Python 3.12+ only
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def content_digest(
-    fields: Mapping[str, str], tensors: Mapping[str, tuple[str, Sequence[int], object]]
+    fields: Mapping[str, str], tensors: Mapping[str, tuple[str, Sequence[int], bytes | memoryview]]
 ) -> str:
     """SHA-256 hex of a canonical header plus tensor bytes.
 
@@ -219,7 +221,8 @@ class KVBlock:
     def nbytes(self) -> int:
         """Bytes of tensor memory the block holds (what a memory tier accounts for it)."""
         return sum(
-            t.numel() * t.element_size() for t in (self.keys, self.values, self.mean_keys, self.positions)
+            t.numel() * t.element_size()
+            for t in (self.keys, self.values, cast(torch.Tensor, self.mean_keys), self.positions)
         )
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +246,7 @@ class KVBlock:
         return {
             "keys": self.keys,
             "values": self.values,
-            "mean_keys": self.mean_keys,
+            "mean_keys": cast(torch.Tensor, self.mean_keys),  # set by __post_init__
             "positions": self.positions,
         }
 
@@ -270,7 +273,7 @@ class KVBlock:
             num_tokens=self.num_tokens,
             first_position=int(positions[0]),
             last_position=int(positions[-1]),
-            mean_keys=self.mean_keys,
+            mean_keys=cast(torch.Tensor, self.mean_keys),  # set by __post_init__
             attrs=dict(self.attrs),
             block_hash=self.content_hash(),
         )

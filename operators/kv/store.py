@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from .block import BlockSummary, KVBlock
 from .errors import (
@@ -366,7 +367,7 @@ class TieredStore:
         """Per tier: budget, accounted bytes (resident + reserved), resident bytes, peak, blocks,
         and counters; plus background work in flight and failures."""
         with self._cond:
-            out = {}
+            out: dict[str, Any] = {}
             for i, tier in enumerate(self.tiers):
                 bounded = i < self._n - 1
                 out[tier.name] = {
@@ -416,7 +417,8 @@ class TieredStore:
         for i in range(start, self._n):
             prepared = self.tiers[i].prepare(item)
             size = self.tiers[i].footprint(prepared)
-            if self.budgets[i] is None or size <= self.budgets[i]:
+            budget = self.budgets[i]
+            if budget is None or size <= budget:
                 return i, prepared, size
             item = prepared  # keep an encoding for the next byte tier
         raise AssertionError("the last tier is unbounded")
@@ -527,7 +529,8 @@ class TieredStore:
                         block = source.get_encoded(key) if both_bytes else source.get(key)
                     item = self.tiers[j].prepare(block)
                     dsize = self.tiers[j].footprint(item)
-                    if self.budgets[j] is not None and dsize > self.budgets[j]:
+                    budget = self.budgets[j]
+                    if budget is not None and dsize > budget:
                         block = item
                         continue  # too big for that tier: try the next one
                     if j < self._n - 1:
@@ -621,7 +624,7 @@ class TieredStore:
                         self._lru[j].move_to_end(key)
                     self._stats[j].hits += 1
                 if promote_to is not None and j > promote_to:
-                    value = self._install(key, value, j, promote_to, deletes_seen)
+                    value = self._install(key, cast(KVBlock, value), j, promote_to, deletes_seen)  # not a summary
                 return value
             with self._cond:
                 if self._moves == moves_seen:
@@ -648,7 +651,8 @@ class TieredStore:
         tier = self.tiers[target]
         item = tier.prepare(block)
         size = tier.footprint(item)
-        if self.budgets[target] is not None and size > self.budgets[target]:
+        budget = self.budgets[target]
+        if budget is not None and size > budget:
             return block
         with self._cond:
             held = self._held(key)

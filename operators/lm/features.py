@@ -83,7 +83,7 @@ def feature_scores(query: torch.Tensor, features: list[torch.Tensor | None]) -> 
     out = torch.zeros(len(features))
     if not have:
         return out
-    stacked = torch.stack([features[i].float() for i in have])
+    stacked = torch.stack([f.float() for f in features if f is not None])  # the `have` ones
     sims = torch.nn.functional.cosine_similarity(stacked, query.float()[None], dim=-1)
     z = _standardise(sims)
     low = float(z.min()) if len(have) else 0.0

@@ -335,6 +335,7 @@ class KVMemory:
                     self._block(state, part, positions[a:b], base + a, b - a, t0, t1, kind, token_ids)
                 )
             self._features(state, state.window[first:], ids, step, feature)
+        assert out.pre_rope_queries is not None  # captured: capture=("keys", "queries")
         self._observe_queries(state, out.pre_rope_queries)
         self._spill(state)
         return state
@@ -426,6 +427,7 @@ class KVMemory:
                 out = self.adapter.forward(
                     self.adapter.embed(ids), torch.arange(pos, pos + len(ids)), (keys, values)
                 )
+                assert out.keys is not None and out.values is not None  # return_kv (the default)
                 keys, values, pos = (
                     torch.cat([keys, out.keys], 2),
                     torch.cat([values, out.values], 2),
@@ -469,6 +471,7 @@ class KVMemory:
             )
             timings["query"] = _ms(t0)
             t1 = time.perf_counter()
+            assert probe.pre_rope_queries is not None  # capture="queries"
             query_vec = probe.pre_rope_queries.mean(dim=2).cpu()  # (layers, heads, head_dim)
             if cfg.center_query and state.query_mean is not None:
                 query_vec = query_vec - state.query_mean
@@ -480,8 +483,8 @@ class KVMemory:
             if query_feature is not None and cfg.feature_weight:
                 space, vec = query_feature
                 feats = [state.features.get(s.block_index) for s in state.index]
-                feats = [f[1] if f is not None and f[0] == space else None for f in feats]
-                scores = scores + cfg.feature_weight * feature_scores(vec, feats)
+                vecs = [f[1] if f is not None and f[0] == space else None for f in feats]
+                scores = scores + cfg.feature_weight * feature_scores(vec, vecs)
             picked = select_blocks(
                 scores, [s.num_tokens for s in state.index], top_k=cfg.top_k, max_tokens=cfg.retrieve_tokens
             )
@@ -503,6 +506,7 @@ class KVMemory:
         The question is not added to the memory."""
         t0 = time.perf_counter()
         found = self.retrieve(state, question, query_feature=query_feature)
+        assert state.sink is not None  # retrieve refuses a stream that is not open
         t3 = time.perf_counter()
         if self.config.context_order == "best_last":
             ranked = sorted(zip(found.evidence, found.blocks, strict=True), key=lambda pair: pair[0].score)

@@ -15,6 +15,7 @@ Nothing here keeps state between calls: the past comes in, the new KV goes out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +35,9 @@ class ChunkOutput:
     cache: object  # the transformers DynamicCache after the chunk (past + chunk): decode goes on in it
 
 
-def _find_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(decoder with .layers/.embed_tokens/.rotary_emb, lm_head) of a causal or video LM."""
+def _find_decoder(model: nn.Module) -> tuple[Any, Any]:
+    """(decoder with .layers/.embed_tokens/.rotary_emb, lm_head) of a causal or video LM.
+    Any: the HF modules' attributes (config, layers, weight) are looked up by name."""
     lm_head = getattr(model, "lm_head", None)
     inner = getattr(model, "model", None)
     candidates = [getattr(inner, "language_model", None), inner, getattr(model, "language_model", None)]

@@ -180,11 +180,12 @@ def build_apps(config: ServeConfig) -> dict[str, Application]:
     apps: dict[str, Application] = {}
     if config.encoder is not None:
         d = config.encoder_deploy
-        apps[config.encoder_app] = EncoderDeployment.options(**d.options()).bind(
+        # the ignores: @serve.deployment made the classes Deployments (mypy skips ray)
+        apps[config.encoder_app] = EncoderDeployment.options(**d.options()).bind(  # type: ignore[attr-defined]
             config.encoder, d.max_batch_size, d.batch_wait_timeout_s
         )
     if config.lm is not None:
-        apps[config.lm_app] = LMDeployment.options(**config.lm_deploy.options()).bind(config.lm)
+        apps[config.lm_app] = LMDeployment.options(**config.lm_deploy.options()).bind(config.lm)  # type: ignore[attr-defined]
     return apps
 
 

@@ -273,7 +273,7 @@ class RemoteEncoderHandler(ModelHandler[FrameBatch, PredictionResult, ServeClien
     ) -> Iterable[PredictionResult]:
         out: list[Any] = [None] * len(batch)
         for wave in _waves(batch, lambda e: e.stream_id):
-            calls = [
+            calls: list[tuple[str, str | None, str, tuple, dict]] = [
                 (
                     "encode",
                     batch[i].stream_id,
@@ -300,6 +300,7 @@ class RemoteLMHandler(ModelHandler[LMRequest, PredictionResult, ServeClient]):
 
     @staticmethod
     def call_of(req: LMRequest) -> tuple[str, str, str, tuple, dict]:
+        args: tuple
         if req.kind == "open":
             args = (req.stream_id, req.system_prompt, req.start_us)
             return ("open", req.stream_id, req.label, args, {"reset": req.reset})
@@ -336,7 +337,7 @@ def client_settings(settings=None) -> ServeClientSettings:
         return settings
     if isinstance(settings, dict):
         return ServeClientSettings.model_validate(settings)
-    section = getattr(settings, "serve", None)
+    section: Any = getattr(settings, "serve", None)
     values = section.model_dump() if hasattr(section, "model_dump") else dict(section or {})
     if values.get("data_dir") is None and getattr(settings, "data_dir", None) is not None:
         values["data_dir"] = str(settings.data_dir)

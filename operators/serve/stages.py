@@ -442,6 +442,7 @@ class LMStage:
             if text is not None:
                 entry.state = self.memory.prefill_text(entry.state, text, start_us, end_us)
             else:
+                assert tokens is not None  # one of text and tokens (checked above)
                 entry.state = self.memory.prefill_tokens(entry.state, list(tokens), start_us, end_us)
             entry.seq = seq if seq is not None else entry.seq + 1
             self._checkpoint(stream_id, entry)

@@ -64,7 +64,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -178,10 +178,11 @@ def build_preprocess(
     pp = processor_config or {}
     mean, std = _FAMILY_STATS[family]
     if pp.get("do_normalize", True) and pp.get("image_mean") and pp.get("image_std"):
-        mean, std = tuple(float(v) for v in pp["image_mean"]), tuple(float(v) for v in pp["image_std"])
+        # the ignore: a processor config's mean and std are lists of three (RGB) values
+        mean, std = tuple(float(v) for v in pp["image_mean"]), tuple(float(v) for v in pp["image_std"])  # type: ignore[assignment]
     if family == "qwen2.5-vl":
-        size = _as_size(image_size) if image_size is not None else QWEN_DEFAULT_SIZE
-        return Preprocess(size=size, mode=mode or "squash", mean=mean, std=std)
+        qwen_size = _as_size(image_size) if image_size is not None else QWEN_DEFAULT_SIZE
+        return Preprocess(size=qwen_size, mode=mode or "squash", mean=mean, std=std)
     size = None
     default_mode: Mode = "squash"
     if family == "clip" and pp.get("do_center_crop", True):
@@ -323,11 +324,12 @@ class HFVisionTower(VisionEncoder):
         self.path = path
         self.device = torch.device(device)
         self.dtype = _as_dtype(dtype)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        # Any: an HF vision model, its config's fields looked up by name
+        self.model: Any = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.projection = projection
         self.max_batch = max_batch
         self.preprocess_spec = preprocess
-        cfg = model.config
+        cfg: Any = model.config  # an HF config: fields by name
         if family == "qwen2.5-vl":
             self.vit_patch_size = int(cfg.patch_size)
             self.merge_size = int(cfg.spatial_merge_size)
@@ -461,5 +463,5 @@ def _factory(family: Family | None):
 
 
 for _name, _family in (("hf-clip", "clip"), ("hf-siglip", "siglip"), ("hf-qwen2.5-vl", "qwen2.5-vl")):
-    register_encoder(_name)(_factory(_family))
+    register_encoder(_name)(_factory(cast(Family, _family)))
 register_encoder("hf-vision")(_factory(None))

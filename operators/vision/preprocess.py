@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -84,7 +84,8 @@ def preprocess_frames(
     if isinstance(frames, (np.ndarray, torch.Tensor)) and frames.ndim == 4:
         batches = [frames]
     elif len({tuple(f.shape) for f in frames}) == 1 and all(isinstance(f, np.ndarray) for f in frames):
-        batches = [np.stack(frames)]  # one size: one resize call for the whole batch
+        # one size: one resize call for the whole batch (every item is an ndarray: checked)
+        batches = [np.stack(cast("Sequence[np.ndarray]", frames))]
     else:
         batches = [f[None] for f in frames]
     if not len(batches[0]):

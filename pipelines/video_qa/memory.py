@@ -26,6 +26,7 @@ import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ from streamvqa.schemas.errors import WrongRecordType
 from streamvqa.storage.keys import content_hash, stream_prefix
 
 from .common import now_us, read_tagged_blob, tagged_blob, wall_us
+
+if TYPE_CHECKING:
+    from streamvqa.operators.lm.memory import StreamKV
 
 _STATE = b"streamvqa.memory-stage/1"
 _CHUNK = b"streamvqa.visual-index/1"
@@ -89,7 +93,7 @@ class Held:
 @dataclass
 class MemoryState:
     stream_id: str
-    kv: object | None = None  # StreamKV
+    kv: StreamKV | None = None
     kv_version: int = 0  # bumped whenever ``kv`` changes
     kv_saved: tuple[int, str] | None = None  # (version, object key) of the last persisted kv
     frames_wall_us: int = -1
@@ -263,6 +267,8 @@ class MemoryStage:
     # -- processing --------------------------------------------------------------
     def process(self, state: MemoryState, record: KafkaRecord) -> tuple[MemoryState, list[Output]]:
         item = decode_any(record.value, self.limits)  # SchemaError -> dead letter
+        if not isinstance(item, (VisualNote, SpeechNote, Query)):
+            raise WrongRecordType(f"the memory topic carries notes and queries, not a {type(item).__name__}")
         if item.stream_id != state.stream_id:
             raise WrongRecordType(f"a {type(item).__name__} of stream {item.stream_id!r} keyed {record.key!r}")
         if isinstance(item, VisualNote):
@@ -273,8 +279,6 @@ class MemoryStage:
             if item.query_id not in state.answered and all(h.query_id != item.query_id for h in state.held):
                 state.held.append(Held(record.value, item.query_id, item.asked_at_us, wall_us(record),
                                        (record.topic, record.partition, record.offset)))
-        else:
-            raise WrongRecordType(f"the memory topic carries notes and queries, not a {type(item).__name__}")
         self._flush(state)
         return state, self._release(state, None)
 
@@ -297,7 +301,7 @@ class MemoryStage:
     def _visual(self, state: MemoryState, n: VisualNote) -> None:
         if n.seq <= state.last_frame_seq:
             return
-        vec = np.asarray(n.feature, np.float32)
+        vec: np.ndarray = np.asarray(n.feature, np.float32)
         vec = (vec / max(float(np.linalg.norm(vec)), 1e-12)).astype(np.float16)[None]
         if state.features is not None and state.features.shape[1] != vec.shape[1]:
             raise WrongRecordType(f"feature of width {vec.shape[1]}, the stream's are {state.features.shape[1]}")
@@ -495,7 +499,7 @@ class MemoryStage:
         encoder = self.image_encoder
         t0 = time.perf_counter()
         try:
-            pixels = decode_image(query.image, "image")
+            pixels = decode_image(cast(bytes, query.image), "image")  # _answer checked it is there
         except SchemaError as err:  # the query stage checks this; a crafted memory-topic message may not be
             return f"The example image could not be used: {err}", [], SYSTEM_ID, {}
 

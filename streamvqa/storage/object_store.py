@@ -6,6 +6,7 @@ Only the S3 API both servers speak is used, through boto3. Conditional writes
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -170,7 +171,7 @@ class ObjectStore:
                 return False
             raise ObjectStoreError(f"create bucket {name} failed: {err}") from err
 
-    def list_buckets(self) -> list[str]:
+    def list_buckets(self) -> builtins.list[str]:  # `list` here is the method above
         try:
             return [bucket["Name"] for bucket in self._s3.list_buckets().get("Buckets", [])]
         except ClientError as err:
