@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import apache_beam as beam
-from streamvqa.schemas import InvalidField, SchemaError, encode, make_dead_letter
 
+from streamvqa.schemas import InvalidField, SchemaError, encode, make_dead_letter
 from streamvqa.storage.keys import valid_stream_id
 from streamvqa.storage.object_store import ObjectNotFound, ObjectStore, PreconditionFailed
 
 from .kafka_sink import OffsetCommitter, OutputPositions, OutputProducer, Written, output_ends
-from .records import SOURCE_HEADER, KafkaBatch, KafkaRecord, Output, is_scoped
+from .records import END_MARKER_REFUSED, SOURCE_HEADER, KafkaBatch, KafkaRecord, Output, is_scoped
 from .snapshots import Head, Snapshot, SnapshotConflict, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -322,8 +322,7 @@ class PartitionTask:
         self._uncommitted += 1
         stream_id = _stream_id(record)
         if record.has_end_marker:  # a long-running job's source passes markers on: a producer's claim
-            self._dead_letter(record, InvalidField(
-                "end-of-stream marker: a producer cannot end the input of a long-running job", "headers"))
+            self._dead_letter(record, InvalidField(END_MARKER_REFUSED, "headers"))
         elif stream_id is None:
             self._dead_letter(record, InvalidField("message key is missing or not a valid stream id", "key"))
         else:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import cast
 
 EOS_HEADER = "streamvqa-eos"
+#: Why a record with that header is a dead letter where the source does not honour it.
+END_MARKER_REFUSED = "end-of-stream marker: a producer cannot end the input of a long-running job"
 #: An output's identity for the exactly-once ledger when its key is not unique (notes on the
 #: memory topic are keyed by stream id, like the inputs, and identified by this header).
 OUTPUT_ID_HEADER = "streamvqa-id"

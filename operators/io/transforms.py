@@ -19,10 +19,11 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
-from streamvqa.schemas import Limits, SchemaError, decode, encode, make_dead_letter
+
+from streamvqa.schemas import InvalidField, Limits, SchemaError, decode, encode, make_dead_letter
 
 from .kafka_sink import OutputProducer
-from .records import KafkaRecord, Output
+from .records import END_MARKER_REFUSED, KafkaRecord, Output
 
 DEAD_LETTER = "dead_letter"
 
@@ -39,6 +40,8 @@ class DecodeOrDeadLetter(beam.DoFn):
         if record.is_end_of_stream:
             return
         try:
+            if record.has_end_marker:  # not honoured by this (unbounded) source: a producer's claim
+                raise InvalidField(END_MARKER_REFUSED, "headers")
             yield decode(record.value, self.record_type, self.limits)
         except SchemaError as err:
             letter = make_dead_letter(
