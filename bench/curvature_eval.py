@@ -45,6 +45,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from streamvqa.media import decode_frames, sample_video
 from streamvqa.operators.curvature import (
     SCORES,
     CurveStream,
@@ -56,8 +58,6 @@ from streamvqa.operators.curvature import (
     curvature_scores,
     make_compressor,
 )
-
-from streamvqa.media import decode_frames, sample_video
 
 OUT = Path(__file__).parent / "out"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -365,6 +365,7 @@ def _best_of(repeats: int, fn) -> float:
 def measure_costs(feats: np.ndarray, pts_us: np.ndarray, cfg: CurveStreamConfig, frames: list[np.ndarray],
                   repeats: int) -> dict:
     import torch
+
     from streamvqa.operators.curvature import ScoreState, score_step
     from streamvqa.operators.vision import build_encoder
 

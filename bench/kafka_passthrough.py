@@ -28,12 +28,12 @@ from kafka.admin import NewTopic
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from streamvqa import connect
 from streamvqa.infra.local.stack import LocalStack
 from streamvqa.operators.io.records import EOS_HEADER
 from streamvqa.pipelines import passthrough
 from streamvqa.schemas import Frame, encode
-
-from streamvqa import connect
 from streamvqa.settings import Settings
 
 SIZES = {"10KB": 10 * 1024, "200KB": 200 * 1024}

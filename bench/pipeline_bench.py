@@ -127,9 +127,9 @@ class NoteWatcher:
 
     def _run(self) -> None:
         from kafka import TopicPartition
-        from streamvqa.schemas import SpeechNote, VisualNote, decode_any
 
         from streamvqa import connect
+        from streamvqa.schemas import SpeechNote, VisualNote, decode_any
 
         try:
             consumer = connect.consumer(self.settings, self.endpoints, group_id=None)
@@ -188,10 +188,9 @@ class Run:
         self.threads: list[threading.Thread] = []
 
     def up(self) -> None:
+        from streamvqa import connect
         from streamvqa.infra.local.stack import LocalStack
         from streamvqa.infra.provision import ensure_topics
-
-        from streamvqa import connect
 
         self.stack = LocalStack(self.settings)
         self.stack.up()
@@ -337,11 +336,11 @@ def bare(run: Run, stream_ids: list[str], expected: int) -> dict:
     """The same frame records through FrameStage.process in this process."""
     import torch
     from kafka import TopicPartition
+
+    from streamvqa import connect
     from streamvqa.operators.io.records import KafkaRecord
     from streamvqa.pipelines.video_qa.graph import StageFactories
     from streamvqa.schemas import VisualNote, decode
-
-    from streamvqa import connect
 
     keys = {s.encode() for s in stream_ids}
     consumer = connect.consumer(run.settings, run.endpoints, group_id=None)

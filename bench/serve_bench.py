@@ -62,6 +62,7 @@ def _median_ms(fn, calls: int) -> float:
 def run(frames: int = 256, calls: int = 60, image_size: int = 112, keep_cluster: bool = False) -> dict:
     """Start a cluster, measure, stop it; returns (and prints) the figures."""
     from ray import serve
+
     from streamvqa.operators.serve import deployments, local
     from streamvqa.operators.serve.handlers import (
         FrameBatch,

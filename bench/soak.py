@@ -138,9 +138,8 @@ def _kv_by_tier(run: Run, sids: list[str]) -> dict[str, float]:
     """MB of the streams' KV blocks per tier, from their last memory manifests (written at each
     answer): what the pipeline's KV store holds in process (gpu = device tier, cpu = host tier)
     and what is only in the object store."""
-    from streamvqa.schemas import MemoryManifest, decode
-
     from streamvqa import connect
+    from streamvqa.schemas import MemoryManifest, decode
     from streamvqa.storage.keys import stream_prefix
 
     objects = connect.object_store(run.settings, run.endpoints)

@@ -24,9 +24,9 @@ from kafka import KafkaProducer, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from streamvqa.infra.local.stack import LocalStack
 
 from streamvqa import connect
+from streamvqa.infra.local.stack import LocalStack
 from streamvqa.settings import Settings
 
 SIZES = {"10KB": 10 * 1024, "1MB": 1024 * 1024, "8MB": 8 * 1024 * 1024}

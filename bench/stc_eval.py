@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from streamvqa.media import decode_frames, sample_video
 from streamvqa.operators.curvature import CurveStream, CurveStreamConfig, FrameInput
 from streamvqa.operators.vision import (
     Dinov2Encoder,
@@ -53,8 +55,6 @@ from streamvqa.operators.vision import (
     STCPruneConfig,
     STCPruner,
 )
-
-from streamvqa.media import decode_frames, sample_video
 
 OUT = Path(__file__).parent / "out"
 VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")

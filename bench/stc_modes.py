@@ -47,10 +47,9 @@ def _route(features):
 
 
 def main(quick: bool = False) -> None:
-    from streamvqa.operators.vision import build_encoder
-
     from streamvqa.demo_media import build_demo_media
     from streamvqa.media import decode_jpeg
+    from streamvqa.operators.vision import build_encoder
 
     console = Console(width=160)
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,13 +14,13 @@ import json
 from dataclasses import dataclass, field
 
 import apache_beam as beam
+
+from streamvqa import connect
 from streamvqa.operators.io.exactly_once import ExactlyOnceDoFn, TaskConfig
 from streamvqa.operators.io.kafka_source import ReadFromKafka, SourceConfig
 from streamvqa.operators.io.records import KafkaRecord, Output
 from streamvqa.pipelines.runner import make_runner, pipeline_options
 from streamvqa.schemas import Frame, Limits, decode
-
-from streamvqa import connect
 from streamvqa.settings import Settings
 
 

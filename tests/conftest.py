@@ -14,9 +14,9 @@ for _name in [name for name in os.environ if name.startswith("STREAMVQA_")]:
     del os.environ[_name]
 
 from hypothesis import settings as hypothesis_settings  # noqa: E402
-from streamvqa.infra.local.stack import LocalStack  # noqa: E402
 
 from streamvqa import connect  # noqa: E402
+from streamvqa.infra.local.stack import LocalStack  # noqa: E402
 from streamvqa.settings import Settings  # noqa: E402
 
 # CI runs the same examples every time (a red CI must be reproducible); developers'

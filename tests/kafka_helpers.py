@@ -6,10 +6,10 @@ import os
 import uuid
 
 from kafka.admin import NewTopic
-from streamvqa.operators.io.records import EOS_HEADER
-from streamvqa.schemas import Frame, encode
 
 from streamvqa import connect
+from streamvqa.operators.io.records import EOS_HEADER
+from streamvqa.schemas import Frame, encode
 
 
 def new_topics(settings, endpoints, *names: str, partitions: int = 3) -> list[str]:
@@ -65,6 +65,7 @@ def partition_task(settings, endpoints, topic: str, outputs: list[str], group: s
     """(PartitionTask over partition 0 of ``topic``, its producer): committing after every record,
     its ledger recovered from ``outputs`` and the dead-letter topic. Close the producer after."""
     from kafka import KafkaConsumer
+
     from streamvqa.operators.io.exactly_once import PartitionTask, snapshot_namespace
     from streamvqa.operators.io.kafka_sink import OffsetCommitter, OutputProducer
     from streamvqa.operators.io.snapshots import SnapshotStore

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+
+from streamvqa.media import encode_jpeg
 from streamvqa.operators.io.records import KafkaRecord
 from streamvqa.pipelines.video_qa.graph import StageFactories
 from streamvqa.schemas import (
@@ -27,8 +29,6 @@ from streamvqa.schemas import (
     encode,
     make_dead_letter,
 )
-
-from streamvqa.media import encode_jpeg
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 SID = "fuzz-cam"

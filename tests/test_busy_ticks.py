@@ -7,11 +7,11 @@ import time
 from typing import ClassVar
 
 import pytest
+
+from streamvqa import connect
 from streamvqa.operators.io.exactly_once import ExactlyOnceDoFn, TaskConfig
 from streamvqa.operators.io.records import KafkaBatch, KafkaRecord
 from streamvqa.pipelines.passthrough import PassThroughProcessor
-
-from streamvqa import connect
 from tests.kafka_helpers import frame_bytes, new_topics
 
 pytestmark = pytest.mark.stack

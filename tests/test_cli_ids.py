@@ -9,10 +9,10 @@ topics of the test alone (the settings' topics come from STREAMVQA_TOPICS__* var
 from __future__ import annotations
 
 import pytest
-from streamvqa.schemas import InvalidField, encode
 from typer.testing import CliRunner
 
 from streamvqa.cli import app
+from streamvqa.schemas import InvalidField, encode
 from tests.kafka_helpers import frame_bytes, private_topics, read_all
 
 pytestmark = pytest.mark.stack

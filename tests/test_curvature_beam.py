@@ -6,6 +6,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that
+
 from streamvqa.operators.curvature import (
     CurveStream,
     CurveStreamConfig,

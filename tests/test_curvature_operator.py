@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from streamvqa.operators.curvature import (
     CurveStream,
     CurveStreamConfig,
@@ -220,9 +221,8 @@ def test_config_validation() -> None:
 @pytest.mark.slow
 def test_real_video_cuts_are_routed_clear() -> None:
     """Real frames, real backbone: carphone | bunny | bikes (bike rack shot) | carphone, 0.4-0.5 s apart."""
-    from streamvqa.operators.vision import build_encoder
-
     from streamvqa.media import decode_frames, sample_video
+    from streamvqa.operators.vision import build_encoder
 
     def take(name: str, indices: range) -> list[np.ndarray]:
         frames = dict(enumerate(f for _, f in decode_frames(sample_video(name), limit=max(indices) + 1)))

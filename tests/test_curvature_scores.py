@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from streamvqa.operators.curvature import SCORES, ScoreState, curvature_scores, score_step
 
 pytestmark = pytest.mark.numerics

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from streamvqa.pipelines.video_qa.frames import pixels_of
-from streamvqa.schemas import Frame, InvalidField, SchemaError, decode
 
 from streamvqa.demo import bad_messages
 from streamvqa.demo_media import QUESTIONS, RATE, build_demo_media, read_wav
 from streamvqa.media import decode_jpeg
+from streamvqa.pipelines.video_qa.frames import pixels_of
+from streamvqa.schemas import Frame, InvalidField, SchemaError, decode
 
 
 @pytest.fixture(scope="module")

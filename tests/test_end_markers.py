@@ -14,12 +14,12 @@ import time
 
 import apache_beam as beam
 import pytest
-from streamvqa.pipelines.video_qa import graph
-from streamvqa.schemas import DeadLetter, decode
 from typer.testing import CliRunner
 
 from streamvqa import connect
 from streamvqa.cli import app
+from streamvqa.pipelines.video_qa import graph
+from streamvqa.schemas import DeadLetter, decode
 from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_stream
 
 

@@ -7,6 +7,7 @@ import random
 
 import pyarrow as pa
 import pytest
+
 from streamvqa.schemas import AudioChunk, DeadLetter, Frame, Limits, SchemaError, SpeechNote, decode, encode
 from streamvqa.schemas.codec import _check_framing, _known_schema
 from streamvqa.schemas.flat_row import FlatPlan, read_row

@@ -20,7 +20,6 @@ pytest.importorskip("transformers")
 import streamvqa.operators.vision.hf_towers as hf_towers  # registers the hf-* encoders
 from streamvqa.operators.vision import available_encoders, build_encoder
 from streamvqa.operators.vision.hf_towers import HFVisionTower, detect_family
-
 from tests.numerics import assert_reordered_close, transformer
 
 TINY_TEXT = dict(

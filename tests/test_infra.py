@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from streamvqa.pipelines.runner import flink_flags, pipeline_options
 from streamvqa.schemas.records import CURRENT_VERSION
-
 from streamvqa.settings import Settings, TopicSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from kafka import KafkaConsumer
+
+from streamvqa import connect
 from streamvqa.operators.io.exactly_once import PartitionTask, ProgressConflict, snapshot_namespace
 from streamvqa.operators.io.kafka_sink import OffsetCommitter, OutputProducer
 from streamvqa.operators.io.kafka_source import ReadFromKafka, SourceConfig
@@ -17,8 +19,6 @@ from streamvqa.operators.io.snapshots import CorruptSnapshot, Snapshot, Snapshot
 from streamvqa.pipelines import passthrough
 from streamvqa.pipelines.passthrough import PassThroughProcessor
 from streamvqa.schemas import DeadLetter, decode
-
-from streamvqa import connect
 from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_stream
 
 pytestmark = pytest.mark.stack

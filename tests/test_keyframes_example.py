@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+
+from streamvqa import connect
+from streamvqa.media import decode_frames, decode_jpeg, encode_jpeg, sample_video
 from streamvqa.operators.curvature.operator import CurveStream
 from streamvqa.operators.curvature.records import FrameInput
 from streamvqa.pipelines.examples import keyframes
 from streamvqa.schemas import DeadLetter, Frame, decode, encode
-
-from streamvqa import connect
-from streamvqa.media import decode_frames, decode_jpeg, encode_jpeg, sample_video
 from tests.kafka_helpers import new_topics, read_all, send_end_of_stream
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -22,6 +22,8 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from streamvqa import connect
 from streamvqa.operators.kv import (
     BackpressureTimeout,
     BlockCorrupt,
@@ -38,8 +40,6 @@ from streamvqa.operators.kv import (
     encode_block,
     standard_store,
 )
-
-from streamvqa import connect
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn]

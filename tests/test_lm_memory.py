@@ -11,13 +11,13 @@ import uuid
 
 import pytest
 import torch
+
+from streamvqa import connect
 from streamvqa.operators.kv import ObjectTier, TieredStore, cpu_tier, standard_store
 from streamvqa.operators.kv.errors import BlockMismatch
 from streamvqa.operators.lm.memory import KVMemory, KVMemoryConfig, StreamKV
 from streamvqa.operators.lm.model import DecoderAdapter
 from streamvqa.operators.lm.rope import shift_keys
-
-from streamvqa import connect
 from tests.numerics import assert_reordered_close, of_config, reorder_atol, rotation_atol
 from tests.tiny_models import VOCAB, tiny_llama, tiny_llava_onevision, tiny_qwen25_vl
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from streamvqa.operators.lm import scoring as S
 
 pytestmark = pytest.mark.numerics

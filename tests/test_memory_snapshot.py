@@ -9,12 +9,12 @@ import uuid
 
 import numpy as np
 import pytest
+
+from streamvqa import connect
 from streamvqa.operators.io.records import KafkaRecord
 from streamvqa.operators.kv import BlockMismatch
 from streamvqa.pipelines.video_qa.memory import INDEX_CHUNK_FRAMES, MemoryStage, MemoryStageConfig
 from streamvqa.schemas import VisualNote, encode
-
-from streamvqa import connect
 
 pytestmark = pytest.mark.stack
 

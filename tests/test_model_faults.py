@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+
 from streamvqa.operators.io.exactly_once import is_outage
 from streamvqa.operators.io.records import KafkaRecord
 from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGuard, ModelWedged
@@ -27,7 +28,6 @@ from streamvqa.schemas import (
     decode,
     encode,
 )
-
 from tests.kafka_helpers import new_topics, partition_task, read_all
 
 FAST = CallPolicy(timeout_s=0.3, attempts=3, backoff_s=0.05)
@@ -232,10 +232,10 @@ def test_frame_stage_model_faults_cost_one_frame_and_no_other_stream(stack_setti
 @pytest.mark.stack
 @pytest.mark.slow
 def test_an_answer_the_model_keeps_failing_is_reported_and_dead_lettered(stack_settings, tmp_path) -> None:
-    from streamvqa.operators.lm.smollm2 import ensure_converted
-    from streamvqa.pipelines.video_qa.graph import StageFactories
     from transformers import AutoTokenizer
 
+    from streamvqa.operators.lm.smollm2 import ensure_converted
+    from streamvqa.pipelines.video_qa.graph import StageFactories
     from tests.tiny_models import tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_converted(), local_files_only=True)

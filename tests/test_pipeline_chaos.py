@@ -15,18 +15,18 @@ import uuid
 from collections import Counter
 
 import pytest
-from streamvqa.operators.io.exactly_once import snapshot_namespace
-from streamvqa.operators.io.records import OUTPUT_ID_HEADER
-from streamvqa.operators.io.snapshots import SnapshotStore
-from streamvqa.operators.serve.stages import StoreConfig
-from streamvqa.pipelines.video_qa.memory import manifest_of, state_from_snapshot
-from streamvqa.schemas import Answer, DeadLetter, Frame, SpeechNote, VisualNote, decode, decode_any
 
 from streamvqa import connect
 from streamvqa.ask import make_query, publish_query
 from streamvqa.demo import bad_messages, start_pipeline, stop_pipeline
 from streamvqa.demo_media import build_demo_media
+from streamvqa.operators.io.exactly_once import snapshot_namespace
+from streamvqa.operators.io.records import OUTPUT_ID_HEADER
+from streamvqa.operators.io.snapshots import SnapshotStore
+from streamvqa.operators.serve.stages import StoreConfig
+from streamvqa.pipelines.video_qa.memory import manifest_of, state_from_snapshot
 from streamvqa.produce import ProduceOptions, produce
+from streamvqa.schemas import Answer, DeadLetter, Frame, SpeechNote, VisualNote, decode, decode_any
 from tests.kafka_helpers import private_topics, read_all
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -6,11 +6,11 @@ partition goes on. Infrastructure errors (object store, broker, network) are nev
 from __future__ import annotations
 
 import pytest
+
 from streamvqa.operators.io.exactly_once import is_outage
 from streamvqa.operators.io.records import KafkaRecord
 from streamvqa.pipelines.passthrough import PassThroughProcessor
 from streamvqa.schemas import DeadLetter, Frame, decode
-
 from tests.kafka_helpers import frame_bytes, new_topics, partition_task, read_all
 
 pytestmark = pytest.mark.stack

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamvqa.schemas import AudioChunk, Frame, decode, encode, validate
 
 from streamvqa import connect, media
 from streamvqa.produce import ProduceOptions, produce, sample_times
+from streamvqa.schemas import AudioChunk, Frame, decode, encode, validate
 from tests.kafka_helpers import frame_bytes, new_topics, read_all
 
 pytestmark = pytest.mark.stack

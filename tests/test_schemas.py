@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from streamvqa.schemas import (
     DEFAULT_LIMITS,
     MAX_TIME_US,

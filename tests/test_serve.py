@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from streamvqa.operators.serve.handlers import (
     FrameBatch,
     LMRequest,
@@ -37,7 +38,6 @@ from streamvqa.operators.serve.stages import (
     StageError,
     StoreConfig,
 )
-
 from tests.numerics import DINOV2, assert_reordered_close
 from tests.tiny_models import VOCAB, tiny_llama
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from streamvqa.operators.lm import smollm2 as M
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from kafka import TopicPartition
+
+from streamvqa import connect
 from streamvqa.infra.local import seaweedfs, tansu
 from streamvqa.infra.local.ports import port_is_free
 from streamvqa.infra.local.process import ManagedProcess, StackError, _cmdline
 from streamvqa.infra.local.stack import BROKER_BUCKET, LocalStack
-
-from streamvqa import connect
 from streamvqa.settings import Settings
 from streamvqa.storage.object_store import ObjectNotFound, PreconditionFailed
 

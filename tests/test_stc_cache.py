@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from streamvqa.media import decode_frames, sample_video
 from streamvqa.operators.vision import (
     Dinov2Encoder,
     Preprocess,
@@ -18,8 +20,6 @@ from streamvqa.operators.vision import (
     build_encoder,
 )
 from streamvqa.operators.vision.stc_cache import PRESETS
-
-from streamvqa.media import decode_frames, sample_video
 from tests.numerics import DINOV2_DEPTH, DINOV2_TERMS, assert_reordered_close
 
 SMALL = Preprocess(size=(112, 112))  # 8x8 patches: cheap passes for exactness checks

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from streamvqa.operators.vision import stc_kernels as K
 
 pytestmark = pytest.mark.numerics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from streamvqa.operators.vision import PrunedFrame, STCPruneConfig, STCPruner, STCPruneState
 
 pytestmark = pytest.mark.numerics

@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from streamvqa.operators.io.records import KafkaRecord
 from streamvqa.pipelines.video_qa.graph import StageFactories, load_language_model
 from streamvqa.schemas import Answer, Query, SpeechNote, decode, encode
-
 from tests.tiny_models import tiny_llava_onevision, tiny_qwen25_vl
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -18,8 +18,9 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from streamvqa.operators.lm.smollm2 import ensure_converted
     from transformers import AutoTokenizer
+
+    from streamvqa.operators.lm.smollm2 import ensure_converted
 
     return AutoTokenizer.from_pretrained(ensure_converted(), local_files_only=True)
 

@@ -9,6 +9,9 @@ import uuid
 
 import numpy as np
 import pytest
+
+from streamvqa import connect
+from streamvqa.demo_media import build_demo_media, read_wav
 from streamvqa.operators.io.records import KafkaRecord, Output
 from streamvqa.pipelines.video_qa.graph import StageFactories
 from streamvqa.pipelines.video_qa.memory import match_spans
@@ -23,9 +26,6 @@ from streamvqa.schemas import (
     decode,
     encode,
 )
-
-from streamvqa import connect
-from streamvqa.demo_media import build_demo_media, read_wav
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

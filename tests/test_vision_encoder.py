@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from streamvqa.media import decode_frames, sample_video
 from streamvqa.operators.vision import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,8 +22,6 @@ from streamvqa.operators.vision import (
     preprocess_frames,
     register_encoder,
 )
-
-from streamvqa.media import decode_frames, sample_video
 from tests.numerics import DINOV2, assert_reordered_close
 
 pytestmark = pytest.mark.numerics

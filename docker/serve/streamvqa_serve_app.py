@@ -12,7 +12,6 @@ from __future__ import annotations
 
 def _store():
     from streamvqa.operators.serve.stages import StoreConfig
-
     from streamvqa.settings import Settings
 
     return StoreConfig.from_settings(Settings())

@@ -131,6 +131,7 @@ class LocalStack:
 
     def _ensure_topics(self, state: StackState) -> list[str]:
         from kafka.admin import KafkaAdminClient
+
         from streamvqa.infra.provision import ensure_topics
 
         admin = KafkaAdminClient(

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from streamvqa.operators.kv import (
     BlockKey,
     BlockMismatch,
@@ -42,7 +43,6 @@ from streamvqa.operators.kv import (
     decode_block,
     encode_block,
 )
-
 from streamvqa.storage.keys import stream_prefix
 
 from .features import feature_scores

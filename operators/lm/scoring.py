@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
+
 from streamvqa.operators.kernel_dispatch import cdiv, choose_backend
 
 BACKEND_ENV = "STREAMVQA_KV_BACKEND"

@@ -25,6 +25,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+
 from streamvqa.operators.kernel_dispatch import cdiv, choose_backend
 
 SCALES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)

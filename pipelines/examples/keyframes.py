@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
+
+from streamvqa import connect
+from streamvqa.media import decode_jpeg
 from streamvqa.operators.curvature.operator import CurveStream, CurveStreamConfig, CurveStreamState
 from streamvqa.operators.curvature.records import FrameInput
 from streamvqa.operators.io.exactly_once import ExactlyOnceDoFn, TaskConfig
@@ -30,9 +33,6 @@ from streamvqa.operators.io.records import KafkaRecord, Output
 from streamvqa.pipelines.runner import make_runner, pipeline_options
 from streamvqa.schemas import Frame, Limits, decode
 from streamvqa.schemas.errors import InvalidField
-
-from streamvqa import connect
-from streamvqa.media import decode_jpeg
 from streamvqa.settings import Settings
 from streamvqa.storage.keys import content_hash, object_key
 

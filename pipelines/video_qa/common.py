@@ -11,7 +11,6 @@ from typing import cast
 from streamvqa.operators.io.records import OUTPUT_ID_HEADER, KafkaRecord, Output
 from streamvqa.schemas import InvalidField, Limits, decode, encode
 from streamvqa.schemas.records import Record
-
 from streamvqa.settings import Settings
 
 

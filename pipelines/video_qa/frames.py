@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from streamvqa.media import encode_jpeg
 from streamvqa.operators.curvature.operator import CurveStream, CurveStreamConfig, CurveStreamState
 from streamvqa.operators.curvature.records import FrameInput
 from streamvqa.operators.io.records import KafkaRecord, Output, scoped_id
@@ -27,8 +29,6 @@ from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGu
 from streamvqa.operators.vision.stc_prune import STCPruneConfig, STCPruner, STCPruneState
 from streamvqa.schemas import Frame, Limits, VisualNote
 from streamvqa.schemas.errors import InvalidField
-
-from streamvqa.media import encode_jpeg
 from streamvqa.storage.keys import content_hash, object_key
 
 from .common import decode_keyed, note, wall_us

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import apache_beam as beam
 import torch
+
+from streamvqa import connect
 from streamvqa.operators.io.exactly_once import ExactlyOnceDoFn, TaskConfig
 from streamvqa.operators.io.kafka_source import ReadFromKafka, SourceConfig
 from streamvqa.pipelines.runner import make_runner, pipeline_options
-
-from streamvqa import connect
 from streamvqa.settings import Settings
 
 from .common import limits_from

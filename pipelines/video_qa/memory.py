@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
+
 from streamvqa.operators.io.records import OUTPUT_ID_HEADER, KafkaRecord, Output, scoped_id
 from streamvqa.operators.kv import BlockMismatch
 from streamvqa.operators.model_guard import CallPolicy, ModelCallFailed, ModelGuard
@@ -50,7 +51,6 @@ from streamvqa.schemas import (
     make_dead_letter,
 )
 from streamvqa.schemas.errors import WrongRecordType
-
 from streamvqa.storage.keys import content_hash, stream_prefix
 
 from .common import now_us, read_tagged_blob, tagged_blob, wall_us
