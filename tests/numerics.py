@@ -36,9 +36,14 @@ def gamma(terms: int, dtype: torch.dtype) -> float:
     return terms * u / (1 - terms * u)
 
 
+def _tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor of ``x`` (a numpy array copied: it may be read-only, as Arrow-backed ones are)."""
+    return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+
+
 def reorder_atol(expected: torch.Tensor | np.ndarray, *, terms: int, depth: int = 1) -> float:
     """The most two orders of the arithmetic that gave ``expected`` may differ by, elementwise."""
-    t = torch.as_tensor(expected)
+    t = _tensor(expected)
     if not t.is_floating_point():
         raise TypeError(f"not a floating-point result: {t.dtype}")
     scale = float(t.abs().max()) if t.numel() else 0.0
@@ -47,7 +52,7 @@ def reorder_atol(expected: torch.Tensor | np.ndarray, *, terms: int, depth: int 
 
 def assert_reordered_close(actual, expected, *, terms: int, depth: int = 1) -> None:
     """``actual`` and ``expected`` agree within :func:`reorder_atol` (both of one dtype)."""
-    a, e = torch.as_tensor(actual), torch.as_tensor(expected)
+    a, e = _tensor(actual), _tensor(expected)
     if a.dtype != e.dtype:
         raise TypeError(f"compare results of one precision, not {a.dtype} and {e.dtype}")
     torch.testing.assert_close(a, e, atol=reorder_atol(e, terms=terms, depth=depth), rtol=0)
