@@ -20,7 +20,9 @@ BENCHMARKS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)")
+    parser.add_argument(
+        "names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller volumes (smoke run)")
     args = parser.parse_args()
     for name in args.names or list(BENCHMARKS):

@@ -105,8 +105,9 @@ def probe(video: str) -> tuple[float, int]:
         return float(s.average_rate), int(s.frames)
 
 
-def plan_segments(seed: int, duration_s: float, lengths: dict[str, float],
-                  min_len: float = 2.0, max_len: float = 6.0) -> list[Segment]:
+def plan_segments(
+    seed: int, duration_s: float, lengths: dict[str, float], min_len: float = 2.0, max_len: float = 6.0
+) -> list[Segment]:
     rng = np.random.default_rng(seed)
     segments: list[Segment] = []
     t, prev = 0.0, None
@@ -141,8 +142,15 @@ def build_stream(seed: int, fps: float, duration_s: float, meta: dict[str, tuple
             pts.append(round(k0 / fps * 1e6))
             k0 += 1
     end = segments[-1].start_s + segments[-1].length_s
-    return TestStream(seed, fps, segments, refs, np.array(pts, dtype=np.int64),
-                      np.array(sorted(round(c * 1e6) for c in cuts), dtype=np.int64), round(end * 1e6))
+    return TestStream(
+        seed,
+        fps,
+        segments,
+        refs,
+        np.array(pts, dtype=np.int64),
+        np.array(sorted(round(c * 1e6) for c in cuts), dtype=np.int64),
+        round(end * 1e6),
+    )
 
 
 def decode_all() -> tuple[dict[str, list[np.ndarray]], dict[str, list[int]]]:
@@ -226,7 +234,9 @@ class Candidate:
 def run_curvestream(features: np.ndarray, pts_us: np.ndarray, cfg: CurveStreamConfig):
     op = CurveStream(cfg)
     state = op.init_state()
-    decisions = [op.step(state, FrameInput(i, int(pts_us[i]), features[i])).decision for i in range(len(features))]
+    decisions = [
+        op.step(state, FrameInput(i, int(pts_us[i]), features[i])).decision for i in range(len(features))
+    ]
     return state, decisions
 
 
@@ -244,14 +254,19 @@ def uniform_indices(n: int, budget: int) -> np.ndarray:
 
 
 # -- metrics ----------------------------------------------------------------------------------------
-def memory_metrics(stream: TestStream, clear_pts: np.ndarray, spans: np.ndarray, tokens: int, budget: int) -> dict:
+def memory_metrics(
+    stream: TestStream, clear_pts: np.ndarray, spans: np.ndarray, tokens: int, budget: int
+) -> dict:
     """Cut recall of the clear frames; per scene (scenes with at least one sampled frame): memory
     entries overlapping it (``spans``: (n, 2) first/last pts of every resident entry) and clear frames."""
     cuts, pts = stream.cuts_us, stream.pts_us
     clear_pts = np.sort(clear_pts)
     j = np.searchsorted(clear_pts, cuts, side="left")
-    hit = (j < len(clear_pts)) & (clear_pts[np.minimum(j, max(len(clear_pts) - 1, 0))] < cuts + TOLERANCE_US) \
-        if len(clear_pts) else np.zeros(len(cuts), bool)
+    hit = (
+        (j < len(clear_pts)) & (clear_pts[np.minimum(j, max(len(clear_pts) - 1, 0))] < cuts + TOLERANCE_US)
+        if len(clear_pts)
+        else np.zeros(len(cuts), bool)
+    )
     kept, clear = [], []
     for a, b in stream.scenes:
         if not ((pts >= a) & (pts < b)).any():
@@ -282,20 +297,29 @@ def routing_metrics(stream: TestStream, decisions) -> dict:
     near = (last >= 0) & (routed - cuts[np.maximum(last, 0)] < TOLERANCE_US)
     recall, precision = float(hit.mean()), float(near.mean())
     f1 = 0.0 if recall + precision == 0 else 2 * recall * precision / (recall + precision)
-    return {"routed_clear": len(routed), "routed_recall": recall, "routed_precision": precision, "routed_f1": f1}
+    return {
+        "routed_clear": len(routed),
+        "routed_recall": recall,
+        "routed_precision": precision,
+        "routed_f1": f1,
+    }
 
 
 def _spans(entries) -> np.ndarray:
     return np.array([(e.pts_us, e.last_pts_us) for e in entries], dtype=np.int64).reshape(-1, 2)
 
 
-def evaluate_curvestream(stream: TestStream, feats: np.ndarray, cfg: CurveStreamConfig, fraction: float) -> dict:
+def evaluate_curvestream(
+    stream: TestStream, feats: np.ndarray, cfg: CurveStreamConfig, fraction: float
+) -> dict:
     budget = budget_for(len(feats), fraction, CLEAR_TOKENS)
     state, decisions = run_curvestream(feats, stream.pts_us, replace(cfg, budget_tokens=budget))
     mem = state.memory
     clear = np.array([e.pts_us for e in mem.clear], dtype=np.int64)
-    return {**memory_metrics(stream, clear, _spans(mem.clear + mem.fuzzy), mem.total_tokens, budget),
-            **routing_metrics(stream, decisions)}
+    return {
+        **memory_metrics(stream, clear, _spans(mem.clear + mem.fuzzy), mem.total_tokens, budget),
+        **routing_metrics(stream, decisions),
+    }
 
 
 def evaluate_uniform(stream: TestStream, fraction: float) -> dict:
@@ -309,7 +333,7 @@ def evaluate_window(stream: TestStream, fraction: float) -> dict:
     """Causal baseline: the most recent frames, all in full tokens (FIFO)."""
     n = len(stream.pts_us)
     budget = budget_for(n, fraction, CLEAR_TOKENS)
-    pts = stream.pts_us[n - min(n, budget // CLEAR_TOKENS):]
+    pts = stream.pts_us[n - min(n, budget // CLEAR_TOKENS) :]
     return memory_metrics(stream, pts, np.stack([pts, pts], axis=1), len(pts) * CLEAR_TOKENS, budget)
 
 
@@ -327,9 +351,17 @@ def evaluate_periodic(stream: TestStream, cfg: CurveStreamConfig, fraction: floa
 def summary(stream: TestStream, feats: np.ndarray, cfg: CurveStreamConfig) -> dict:
     """Means over the budgets: cut recall, kept per scene, routed F1 (the selection criteria)."""
     rows = [evaluate_curvestream(stream, feats, cfg, b) for b in BUDGETS]
-    return {key: float(np.mean([r[key] for r in rows]))
-            for key in ("cut_recall", "kept_per_scene", "scenes_without_frames", "routed_f1", "routed_precision",
-                        "routed_recall")}
+    return {
+        key: float(np.mean([r[key] for r in rows]))
+        for key in (
+            "cut_recall",
+            "kept_per_scene",
+            "scenes_without_frames",
+            "routed_f1",
+            "routed_precision",
+            "routed_recall",
+        )
+    }
 
 
 def _better(a: dict, b: dict | None) -> bool:
@@ -341,7 +373,9 @@ def _better(a: dict, b: dict | None) -> bool:
     return a["routed_f1"] > b["routed_f1"] + 1e-9
 
 
-def tune_k(stream: TestStream, feats: np.ndarray, base: CurveStreamConfig, cand: Candidate) -> tuple[Candidate, list]:
+def tune_k(
+    stream: TestStream, feats: np.ndarray, base: CurveStreamConfig, cand: Candidate
+) -> tuple[Candidate, list]:
     best, best_sum, rows = cand, None, []
     for k in K_GRID:
         c = replace(cand, k=k)
@@ -362,8 +396,9 @@ def _best_of(repeats: int, fn) -> float:
     return best
 
 
-def measure_costs(feats: np.ndarray, pts_us: np.ndarray, cfg: CurveStreamConfig, frames: list[np.ndarray],
-                  repeats: int) -> dict:
+def measure_costs(
+    feats: np.ndarray, pts_us: np.ndarray, cfg: CurveStreamConfig, frames: list[np.ndarray], repeats: int
+) -> dict:
     import torch
 
     from streamvqa.operators.curvature import ScoreState, score_step
@@ -393,7 +428,9 @@ def measure_costs(feats: np.ndarray, pts_us: np.ndarray, cfg: CurveStreamConfig,
 
     tokens = np.random.default_rng(0).standard_normal((8, CLEAR_TOKENS, feats.shape[1])).astype(np.float32)
     op_tok = CurveStream(replace(cfg, keep_tokens=True))
-    tok_inputs = [FrameInput(f.seq, f.pts_us, f.feature, tokens[i % 8], (16, 16)) for i, f in enumerate(inputs)]
+    tok_inputs = [
+        FrameInput(f.seq, f.pts_us, f.feature, tokens[i % 8], (16, 16)) for i, f in enumerate(inputs)
+    ]
 
     def route_tokens() -> None:
         state = op_tok.init_state()
@@ -421,8 +458,9 @@ def measure_costs(feats: np.ndarray, pts_us: np.ndarray, cfg: CurveStreamConfig,
 
 
 # -- plots ------------------------------------------------------------------------------------------
-def plot_timeline(stream: TestStream, feats: np.ndarray, cfg: CurveStreamConfig, fraction: float, path: Path,
-                  dpi: int = 110) -> None:
+def plot_timeline(
+    stream: TestStream, feats: np.ndarray, cfg: CurveStreamConfig, fraction: float, path: Path, dpi: int = 110
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -441,25 +479,37 @@ def plot_timeline(stream: TestStream, feats: np.ndarray, cfg: CurveStreamConfig,
             final[seq] = "fuzzy (merged)" if e.frames > 1 else "fuzzy"
     for e in state.memory.clear:
         final[e.seq] = "clear"
-    fig, axes = plt.subplots(3, 1, figsize=(13, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.1, 1.6]})
+    fig, axes = plt.subplots(
+        3, 1, figsize=(13, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.1, 1.6]}
+    )
     ax = axes[0]
     for c in stream.cuts_us / 1e6:
         ax.axvline(c, color="0.75", lw=0.8, ls="--", zorder=0)
     ax.plot(t, score, color="tab:blue", lw=1.1, label=f"score ({cfg.score})")
-    ax.plot(t, np.where(np.isfinite(thr), thr, np.nan), color="tab:red", lw=1.0,
-            label=f"threshold: mean + {cfg.k:g} std (window {cfg.window}{', clipped' if cfg.clip_outliers else ''})")
+    ax.plot(
+        t,
+        np.where(np.isfinite(thr), thr, np.nan),
+        color="tab:red",
+        lw=1.0,
+        label=f"threshold: mean + {cfg.k:g} std (window {cfg.window}{', clipped' if cfg.clip_outliers else ''})",
+    )
     ax.scatter(t[clear], np.nan_to_num(score[clear]), color="tab:green", s=18, zorder=3, label="routed clear")
     ax.set_ylabel("score")
     ax.legend(loc="upper right", fontsize=8, ncol=3)
-    ax.set_title(f"CurveStream on the test stream: {len(t)} frames at {stream.fps:g} fps, {len(stream.cuts_us)} cuts "
-                 f"(dashed); budget {fraction:.0%} of full tokens = {budget} tokens", fontsize=10)
+    ax.set_title(
+        f"CurveStream on the test stream: {len(t)} frames at {stream.fps:g} fps, {len(stream.cuts_us)} cuts "
+        f"(dashed); budget {fraction:.0%} of full tokens = {budget} tokens",
+        fontsize=10,
+    )
     ax = axes[1]
     colors = {"clear": "tab:green", "fuzzy": "tab:orange", "fuzzy (merged)": "navajowhite", "evicted": "0.88"}
     routed = ["clear" if c else "fuzzy" for c in clear]
     kept = [final.get(i, "evicted") for i in range(len(t))]
     width = 1.0 / stream.fps
     for row, tiers in ((1, routed), (0, kept)):
-        ax.bar(t, 0.8, width=width, bottom=row - 0.4, color=[colors[x] for x in tiers], align="edge", linewidth=0)
+        ax.bar(
+            t, 0.8, width=width, bottom=row - 0.4, color=[colors[x] for x in tiers], align="edge", linewidth=0
+        )
     ax.set_yticks([0, 1], ["final memory", "routed"])
     ax.set_ylim(-0.5, 1.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
@@ -516,9 +566,13 @@ def _table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) ->
 
 
 MAIN_COLUMNS = [
-    ("policy", "policy", ""), ("budget", "budget", ".0%"), ("cut_recall", "cut recall", ".2f"),
-    ("kept_per_scene", "kept/scene", ".2f"), ("clear_per_scene", "clear/scene", ".2f"),
-    ("scenes_without_frames", "scenes w/o any", ".2f"), ("entries", "entries", "d"),
+    ("policy", "policy", ""),
+    ("budget", "budget", ".0%"),
+    ("cut_recall", "cut recall", ".2f"),
+    ("kept_per_scene", "kept/scene", ".2f"),
+    ("clear_per_scene", "clear/scene", ".2f"),
+    ("scenes_without_frames", "scenes w/o any", ".2f"),
+    ("entries", "entries", "d"),
     ("budget_used", "budget used", ".2f"),
 ]
 
@@ -526,65 +580,118 @@ MAIN_COLUMNS = [
 def markdown(results: dict) -> str:
     """The figures bench/RESULTS.md records, as markdown tables."""
     s, c = results["stream"], results["cost"]
-    out = [f"Test stream: {s['frames']} frames at {s['fps']:g} fps ({s['duration_s']:.0f} s), {s['cuts']} cuts, "
-           f"{s['scenes']} scenes (mean {s['mean_scene_s']:.2f} s), {s['segments']} segments (seed {s['seed']}); "
-           f"tune stream (seed {s['tune_seed']}): {s['tune_frames']} frames, {s['tune_cuts']} cuts.", "",
-           "Candidates (k tuned on the tune stream; means over the 10/25/50 % budgets):", "",
-           "| candidate | tune cut recall | tune routed F1 | test cut recall | test routed P / R | test routed F1 |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        f"Test stream: {s['frames']} frames at {s['fps']:g} fps ({s['duration_s']:.0f} s), {s['cuts']} cuts, "
+        f"{s['scenes']} scenes (mean {s['mean_scene_s']:.2f} s), {s['segments']} segments (seed {s['seed']}); "
+        f"tune stream (seed {s['tune_seed']}): {s['tune_frames']} frames, {s['tune_cuts']} cuts.",
+        "",
+        "Candidates (k tuned on the tune stream; means over the 10/25/50 % budgets):",
+        "",
+        "| candidate | tune cut recall | tune routed F1 | test cut recall | test routed P / R | test routed F1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["candidates"]:
-        out.append(f"| {r['candidate']} | {r['tune_cut_recall']:.3f} | {r['tune_routed_f1']:.3f} | "
-                   f"{r['test_cut_recall']:.3f} | {r['test_routed_precision']:.2f} / {r['test_routed_recall']:.2f} | "
-                   f"{r['test_routed_f1']:.3f} |")
-    out += ["", f"Memory policy for the chosen candidate ({results['chosen']['candidate']}):", "",
-            "| clear share | overflow | tune cut recall | tune scenes with nothing kept | test cut recall | test kept / scene | test scenes with nothing kept |",
-            "|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {r['candidate']} | {r['tune_cut_recall']:.3f} | {r['tune_routed_f1']:.3f} | "
+            f"{r['test_cut_recall']:.3f} | {r['test_routed_precision']:.2f} / {r['test_routed_recall']:.2f} | "
+            f"{r['test_routed_f1']:.3f} |"
+        )
+    out += [
+        "",
+        f"Memory policy for the chosen candidate ({results['chosen']['candidate']}):",
+        "",
+        "| clear share | overflow | tune cut recall | tune scenes with nothing kept | test cut recall | test kept / scene | test scenes with nothing kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["memory_policy"]:
-        out.append(f"| {r['clear_share']:.2f} | {r['overflow']} | {r['tune_cut_recall']:.3f} | "
-                   f"{r['tune_scenes_without_frames']:.3f} | {r['test_cut_recall']:.3f} | {r['test_kept_per_scene']:.2f} | "
-                   f"{r['test_scenes_without_frames']:.3f} |")
-    out += ["", "Statistics window (chosen candidate):", "", "| window | tune cut recall | test cut recall | test routed F1 |",
-            "|---|---|---|---|"]
+        out.append(
+            f"| {r['clear_share']:.2f} | {r['overflow']} | {r['tune_cut_recall']:.3f} | "
+            f"{r['tune_scenes_without_frames']:.3f} | {r['test_cut_recall']:.3f} | {r['test_kept_per_scene']:.2f} | "
+            f"{r['test_scenes_without_frames']:.3f} |"
+        )
+    out += [
+        "",
+        "Statistics window (chosen candidate):",
+        "",
+        "| window | tune cut recall | test cut recall | test routed F1 |",
+        "|---|---|---|---|",
+    ]
     for r in results["window"]:
-        out.append(f"| {r['window']} | {r['tune_cut_recall']:.3f} | {r['test_cut_recall']:.3f} | {r['test_routed_f1']:.3f} |")
-    out += ["", "Every policy at every budget (test stream, final memory):", "",
-            "| policy | budget | cut recall | kept / scene | clear / scene | scenes with nothing kept | budget used | routed clear: P / R |",
-            "|---|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {r['window']} | {r['tune_cut_recall']:.3f} | {r['test_cut_recall']:.3f} | {r['test_routed_f1']:.3f} |"
+        )
+    out += [
+        "",
+        "Every policy at every budget (test stream, final memory):",
+        "",
+        "| policy | budget | cut recall | kept / scene | clear / scene | scenes with nothing kept | budget used | routed clear: P / R |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["main"]:
         pr = f"{r['routed_precision']:.2f} / {r['routed_recall']:.2f}" if "routed_precision" in r else "-"
-        out.append(f"| {r['policy']} | {r['budget']:.0%} | {r['cut_recall']:.2f} | {r['kept_per_scene']:.2f} | "
-                   f"{r['clear_per_scene']:.2f} | {r['scenes_without_frames']:.2f} | {r['budget_used']:.2f} | {pr} |")
-    out += ["", "Scores at other frame rates (k tuned per rate on its tune stream; means over budgets):", "",
-            "| fps | frames | candidate | cut recall | routed P / R | routed F1 |", "|---|---|---|---|---|---|"]
+        out.append(
+            f"| {r['policy']} | {r['budget']:.0%} | {r['cut_recall']:.2f} | {r['kept_per_scene']:.2f} | "
+            f"{r['clear_per_scene']:.2f} | {r['scenes_without_frames']:.2f} | {r['budget_used']:.2f} | {pr} |"
+        )
+    out += [
+        "",
+        "Scores at other frame rates (k tuned per rate on its tune stream; means over budgets):",
+        "",
+        "| fps | frames | candidate | cut recall | routed P / R | routed F1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["fps_sensitivity"]:
-        out.append(f"| {r['fps']:g} | {r['frames']} | {r['candidate']} | {r['cut_recall']:.3f} | "
-                   f"{r['routed_precision']:.2f} / {r['routed_recall']:.2f} | {r['routed_f1']:.3f} |")
-    out += ["", f"Cost per frame (CPU, {c['torch_threads']} torch threads): score {c['score_us']:.1f} us; score + "
-            f"routing {c['score_route_us']:.1f} us (index mode), {c['score_route_tokens_us']:.1f} us holding token "
-            f"payloads; state blob {c['state_bytes']} B for {c['state_entries']} entries, written in "
-            f"{c['state_encode_us']:.0f} us, read in {c['state_decode_us']:.0f} us. Backbone (DINOv2-S, 224x224): "
-            f"{c['backbone_ms_b1']:.1f} ms/frame at batch 1, {c['backbone_ms_b16']:.1f} ms/frame at batch 16; "
-            f"scoring + routing = {c['overhead_vs_backbone_b16']:.1e} of the backbone."]
+        out.append(
+            f"| {r['fps']:g} | {r['frames']} | {r['candidate']} | {r['cut_recall']:.3f} | "
+            f"{r['routed_precision']:.2f} / {r['routed_recall']:.2f} | {r['routed_f1']:.3f} |"
+        )
+    out += [
+        "",
+        f"Cost per frame (CPU, {c['torch_threads']} torch threads): score {c['score_us']:.1f} us; score + "
+        f"routing {c['score_route_us']:.1f} us (index mode), {c['score_route_tokens_us']:.1f} us holding token "
+        f"payloads; state blob {c['state_bytes']} B for {c['state_entries']} entries, written in "
+        f"{c['state_encode_us']:.0f} us, read in {c['state_decode_us']:.0f} us. Backbone (DINOv2-S, 224x224): "
+        f"{c['backbone_ms_b1']:.1f} ms/frame at batch 1, {c['backbone_ms_b16']:.1f} ms/frame at batch 16; "
+        f"scoring + routing = {c['overhead_vs_backbone_b16']:.1e} of the backbone.",
+    ]
     return "\n".join(out)
 
 
-def _streams(fps: float, duration_s: float, seed: int, tune_seed: int, meta: dict) -> tuple[TestStream, TestStream]:
+def _streams(
+    fps: float, duration_s: float, seed: int, tune_seed: int, meta: dict
+) -> tuple[TestStream, TestStream]:
     return build_stream(seed, fps, duration_s, meta), build_stream(tune_seed, fps, duration_s, meta)
 
 
-def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None, seed: int = 0,
-         tune_seed: int = 1, use_cache: bool = True, update_docs: bool = False) -> dict:
+def main(
+    quick: bool = False,
+    fps: float = 2.0,
+    duration_s: float | None = None,
+    seed: int = 0,
+    tune_seed: int = 1,
+    use_cache: bool = True,
+    update_docs: bool = False,
+) -> dict:
     duration_s = duration_s or (90.0 if quick else 300.0)
     meta = {v: probe(v) for v in VIDEOS}
     test, tune = _streams(fps, duration_s, seed, tune_seed, meta)
     scenes_sampled = sum(1 for a, b in test.scenes if ((test.pts_us >= a) & (test.pts_us < b)).any())
     results: dict = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch {_torch_version()}",
-        "stream": {"fps": fps, "duration_s": test.duration_us / 1e6, "seed": seed, "tune_seed": tune_seed,
-                   "frames": len(test.pts_us), "cuts": len(test.cuts_us), "scenes": len(test.scenes),
-                   "scenes_sampled": scenes_sampled, "segments": len(test.segments),
-                   "mean_scene_s": test.duration_us / 1e6 / len(test.scenes),
-                   "tune_frames": len(tune.pts_us), "tune_cuts": len(tune.cuts_us)},
+        "stream": {
+            "fps": fps,
+            "duration_s": test.duration_us / 1e6,
+            "seed": seed,
+            "tune_seed": tune_seed,
+            "frames": len(test.pts_us),
+            "cuts": len(test.cuts_us),
+            "scenes": len(test.scenes),
+            "scenes_sampled": scenes_sampled,
+            "segments": len(test.segments),
+            "mean_scene_s": test.duration_us / 1e6 / len(test.scenes),
+            "tune_frames": len(tune.pts_us),
+            "tune_cuts": len(tune.cuts_us),
+        },
     }
     OUT.mkdir(exist_ok=True)
     base = CurveStreamConfig()
@@ -595,21 +702,33 @@ def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None,
         progress.advance(task)
         for video, starts in SHOT_STARTS.items():
             if jumps[video] != list(starts):
-                raise RuntimeError(f"shot changes of {video} moved: expected {list(starts)}, measured {jumps[video]}")
+                raise RuntimeError(
+                    f"shot changes of {video} moved: expected {list(starts)}, measured {jumps[video]}"
+                )
         results["shot_check"] = jumps
         table, results["encoder"] = encode_sources(frames, progress, use_cache)
-        feats = {(name, pool): stream_features(s, table, pool)
-                 for name, s in (("test", test), ("tune", tune)) for pool in ("cls", "mean")}
+        feats = {
+            (name, pool): stream_features(s, table, pool)
+            for name, s in (("test", test), ("tune", tune))
+            for pool in ("cls", "mean")
+        }
 
         # 1. candidates (score x pooled feature x clipped statistics), k tuned on the tune stream
-        cands = [Candidate(sc, pool, clip) for sc in SCORES for pool in ("cls", "mean") for clip in (False, True)]
+        cands = [
+            Candidate(sc, pool, clip) for sc in SCORES for pool in ("cls", "mean") for clip in (False, True)
+        ]
         task = progress.add_task("tune k per candidate (tune stream)", total=len(cands))
         tuned, sweep = [], []
         for cand in cands:
             best, rows = tune_k(tune, feats[("tune", cand.pool)], base, cand)
             sweep += rows
-            tuned.append({"candidate": best, "tune": summary(tune, feats[("tune", best.pool)], best.config(base)),
-                          "test": summary(test, feats[("test", best.pool)], best.config(base))})
+            tuned.append(
+                {
+                    "candidate": best,
+                    "tune": summary(tune, feats[("tune", best.pool)], best.config(base)),
+                    "test": summary(test, feats[("test", best.pool)], best.config(base)),
+                }
+            )
             progress.advance(task)
         results["k_sweep"] = sweep
         chosen_row = None
@@ -617,8 +736,14 @@ def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None,
             if chosen_row is None or _better(row["tune"], chosen_row["tune"]):
                 chosen_row = row
         chosen: Candidate = chosen_row["candidate"]
-        results["candidates"] = [{"candidate": r["candidate"].label, **{f"tune_{k}": v for k, v in r["tune"].items()},
-                                  **{f"test_{k}": v for k, v in r["test"].items()}} for r in tuned]
+        results["candidates"] = [
+            {
+                "candidate": r["candidate"].label,
+                **{f"tune_{k}": v for k, v in r["tune"].items()},
+                **{f"test_{k}": v for k, v in r["test"].items()},
+            }
+            for r in tuned
+        ]
 
         # 2. memory policy for the chosen candidate (tune stream), then its k again
         task = progress.add_task("memory policy (tune stream)", total=6)
@@ -628,12 +753,19 @@ def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None,
                 cfg = replace(chosen.config(base), clear_share=share, overflow=overflow)
                 s_tune = summary(tune, feats[("tune", chosen.pool)], cfg)
                 s_test = summary(test, feats[("test", chosen.pool)], cfg)
-                policy_rows.append({"clear_share": share, "overflow": overflow,
-                                    **{f"tune_{k}": v for k, v in s_tune.items()},
-                                    **{f"test_{k}": v for k, v in s_test.items()}})
+                policy_rows.append(
+                    {
+                        "clear_share": share,
+                        "overflow": overflow,
+                        **{f"tune_{k}": v for k, v in s_tune.items()},
+                        **{f"test_{k}": v for k, v in s_test.items()},
+                    }
+                )
                 # coverage counts as much as recall here: recall + (1 - share of scenes with nothing kept)
-                merit = {"cut_recall": s_tune["cut_recall"] + (1 - s_tune["scenes_without_frames"]),
-                         "routed_f1": s_tune["kept_per_scene"]}
+                merit = {
+                    "cut_recall": s_tune["cut_recall"] + (1 - s_tune["scenes_without_frames"]),
+                    "routed_f1": s_tune["kept_per_scene"],
+                }
                 if _better(merit, best_sum):
                     best_policy, best_sum = (share, overflow), merit
                 progress.advance(task)
@@ -645,13 +777,21 @@ def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None,
         window_rows = []
         for window in (16, 32, 64, None):
             cfg = replace(cfg_chosen, window=window)
-            window_rows.append({"window": str(window),
-                                **{f"tune_{k}": v for k, v in summary(tune, feats[("tune", chosen.pool)], cfg).items()},
-                                **{f"test_{k}": v for k, v in summary(test, feats[("test", chosen.pool)], cfg).items()}})
+            window_rows.append(
+                {
+                    "window": str(window),
+                    **{f"tune_{k}": v for k, v in summary(tune, feats[("tune", chosen.pool)], cfg).items()},
+                    **{f"test_{k}": v for k, v in summary(test, feats[("test", chosen.pool)], cfg).items()},
+                }
+            )
             progress.advance(task)
         results["window"] = window_rows
-        results["chosen"] = {"candidate": chosen.label, **asdict(chosen), "clear_share": base.clear_share,
-                             "overflow": base.overflow}
+        results["chosen"] = {
+            "candidate": chosen.label,
+            **asdict(chosen),
+            "clear_share": base.clear_share,
+            "overflow": base.overflow,
+        }
 
         # 3. every policy at every budget on the test stream
         others = {}
@@ -663,22 +803,47 @@ def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None,
         main_rows = []
         for fraction in BUDGETS:
             f_test = feats[("test", chosen.pool)]
-            main_rows.append({"policy": f"CurveStream {chosen.label} (default)", "budget": fraction,
-                              **evaluate_curvestream(test, f_test, cfg_chosen, fraction)})
+            main_rows.append(
+                {
+                    "policy": f"CurveStream {chosen.label} (default)",
+                    "budget": fraction,
+                    **evaluate_curvestream(test, f_test, cfg_chosen, fraction),
+                }
+            )
             progress.advance(task)
             for c in others.values():
                 k = tune_k(tune, feats[("tune", c.pool)], base, c)[0]
-                main_rows.append({"policy": f"CurveStream {k.label}", "budget": fraction,
-                                  **evaluate_curvestream(test, f_test, k.config(base), fraction)})
+                main_rows.append(
+                    {
+                        "policy": f"CurveStream {k.label}",
+                        "budget": fraction,
+                        **evaluate_curvestream(test, f_test, k.config(base), fraction),
+                    }
+                )
                 progress.advance(task)
-            main_rows.append({"policy": "periodic clear + fuzzy (same memory)", "budget": fraction,
-                              **evaluate_periodic(test, cfg_chosen, fraction)})
+            main_rows.append(
+                {
+                    "policy": "periodic clear + fuzzy (same memory)",
+                    "budget": fraction,
+                    **evaluate_periodic(test, cfg_chosen, fraction),
+                }
+            )
             progress.advance(task)
-            main_rows.append({"policy": "uniform sampling, full tokens (offline)", "budget": fraction,
-                              **evaluate_uniform(test, fraction)})
+            main_rows.append(
+                {
+                    "policy": "uniform sampling, full tokens (offline)",
+                    "budget": fraction,
+                    **evaluate_uniform(test, fraction),
+                }
+            )
             progress.advance(task)
-            main_rows.append({"policy": "recent window, full tokens (FIFO)", "budget": fraction,
-                              **evaluate_window(test, fraction)})
+            main_rows.append(
+                {
+                    "policy": "recent window, full tokens (FIFO)",
+                    "budget": fraction,
+                    **evaluate_window(test, fraction),
+                }
+            )
             progress.advance(task)
         results["main"] = main_rows
 
@@ -698,16 +863,26 @@ def main(quick: bool = False, fps: float = 2.0, duration_s: float | None = None,
 
         task = progress.add_task("plots + cost", total=3)
         for fraction in BUDGETS:
-            plot_timeline(test, feats[("test", chosen.pool)], cfg_chosen, fraction,
-                          OUT / f"curvature_timeline_{round(fraction * 100)}.png")
-        if update_docs:  # the doc's copy, only when asked: the tightest budget, where downgrades and merges show
-            plot_timeline(test, feats[("test", chosen.pool)], cfg_chosen, 0.10, DOCS / "curvature_timeline.png", dpi=60)
+            plot_timeline(
+                test,
+                feats[("test", chosen.pool)],
+                cfg_chosen,
+                fraction,
+                OUT / f"curvature_timeline_{round(fraction * 100)}.png",
+            )
+        if (
+            update_docs
+        ):  # the doc's copy, only when asked: the tightest budget, where downgrades and merges show
+            plot_timeline(
+                test, feats[("test", chosen.pool)], cfg_chosen, 0.10, DOCS / "curvature_timeline.png", dpi=60
+            )
         progress.advance(task)
         plot_scores(test, feats[("test", chosen.pool)], OUT / "curvature_scores.png")
         progress.advance(task)
         sample = [frames[v][i] for v, i in test.refs[:16]]
-        results["cost"] = measure_costs(feats[("test", chosen.pool)], test.pts_us, cfg_chosen, sample,
-                                        repeats=3 if quick else 7)
+        results["cost"] = measure_costs(
+            feats[("test", chosen.pool)], test.pts_us, cfg_chosen, sample, repeats=3 if quick else 7
+        )
         progress.advance(task)
 
     results["config"] = cfg_chosen.to_dict()
@@ -733,48 +908,113 @@ def _torch_version() -> str:
 
 def _print(results: dict) -> None:
     s = results["stream"]
-    console.print(f"[bold]test stream[/]: {s['frames']} frames at {s['fps']:g} fps over {s['duration_s']:.0f} s, "
-                  f"{s['cuts']} cuts, {s['scenes']} scenes ({s['scenes_sampled']} with a sampled frame), mean scene "
-                  f"{s['mean_scene_s']:.2f} s, {s['segments']} segments; tune stream: {s['tune_frames']} frames, "
-                  f"{s['tune_cuts']} cuts. Encoder: {results['encoder'].get('features')}")
-    console.print(_table("candidates, k tuned on the tune stream (means over 10/25/50% budgets)", results["candidates"], [
-        ("candidate", "candidate", ""), ("tune_cut_recall", "tune recall", ".3f"), ("tune_routed_f1", "tune F1", ".3f"),
-        ("test_cut_recall", "test recall", ".3f"), ("test_routed_precision", "test P", ".2f"),
-        ("test_routed_recall", "test R", ".2f"), ("test_routed_f1", "test F1", ".3f")]))
-    console.print(_table("memory policy for the chosen candidate (means over budgets)", results["memory_policy"], [
-        ("clear_share", "clear share", ".2f"), ("overflow", "overflow", ""), ("tune_cut_recall", "tune recall", ".3f"),
-        ("tune_scenes_without_frames", "tune scenes w/o any", ".3f"), ("test_cut_recall", "test recall", ".3f"),
-        ("test_kept_per_scene", "test kept/scene", ".2f"), ("test_scenes_without_frames", "test scenes w/o any", ".3f")]))
-    console.print(_table("statistics window for the chosen candidate (means over budgets)", results["window"], [
-        ("window", "window", ""), ("tune_cut_recall", "tune recall", ".3f"), ("tune_routed_f1", "tune F1", ".3f"),
-        ("test_cut_recall", "test recall", ".3f"), ("test_routed_f1", "test F1", ".3f")]))
+    console.print(
+        f"[bold]test stream[/]: {s['frames']} frames at {s['fps']:g} fps over {s['duration_s']:.0f} s, "
+        f"{s['cuts']} cuts, {s['scenes']} scenes ({s['scenes_sampled']} with a sampled frame), mean scene "
+        f"{s['mean_scene_s']:.2f} s, {s['segments']} segments; tune stream: {s['tune_frames']} frames, "
+        f"{s['tune_cuts']} cuts. Encoder: {results['encoder'].get('features')}"
+    )
+    console.print(
+        _table(
+            "candidates, k tuned on the tune stream (means over 10/25/50% budgets)",
+            results["candidates"],
+            [
+                ("candidate", "candidate", ""),
+                ("tune_cut_recall", "tune recall", ".3f"),
+                ("tune_routed_f1", "tune F1", ".3f"),
+                ("test_cut_recall", "test recall", ".3f"),
+                ("test_routed_precision", "test P", ".2f"),
+                ("test_routed_recall", "test R", ".2f"),
+                ("test_routed_f1", "test F1", ".3f"),
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "memory policy for the chosen candidate (means over budgets)",
+            results["memory_policy"],
+            [
+                ("clear_share", "clear share", ".2f"),
+                ("overflow", "overflow", ""),
+                ("tune_cut_recall", "tune recall", ".3f"),
+                ("tune_scenes_without_frames", "tune scenes w/o any", ".3f"),
+                ("test_cut_recall", "test recall", ".3f"),
+                ("test_kept_per_scene", "test kept/scene", ".2f"),
+                ("test_scenes_without_frames", "test scenes w/o any", ".3f"),
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "statistics window for the chosen candidate (means over budgets)",
+            results["window"],
+            [
+                ("window", "window", ""),
+                ("tune_cut_recall", "tune recall", ".3f"),
+                ("tune_routed_f1", "tune F1", ".3f"),
+                ("test_cut_recall", "test recall", ".3f"),
+                ("test_routed_f1", "test F1", ".3f"),
+            ],
+        )
+    )
     console.print(_table("test stream, every policy at every budget", results["main"], MAIN_COLUMNS))
-    console.print(_table("routed clear frames vs cuts (1 s)", [r for r in results["main"] if "routed_f1" in r], [
-        ("policy", "policy", ""), ("budget", "budget", ".0%"), ("routed_clear", "routed clear", "d"),
-        ("routed_precision", "precision", ".2f"), ("routed_recall", "recall", ".2f"), ("routed_f1", "F1", ".2f")]))
-    console.print(_table("scores at other frame rates (k tuned per rate; means over budgets)", results["fps_sensitivity"], [
-        ("fps", "fps", "g"), ("frames", "frames", "d"), ("candidate", "candidate", ""), ("cut_recall", "recall", ".3f"),
-        ("routed_precision", "P", ".2f"), ("routed_recall", "R", ".2f"), ("routed_f1", "F1", ".3f")]))
+    console.print(
+        _table(
+            "routed clear frames vs cuts (1 s)",
+            [r for r in results["main"] if "routed_f1" in r],
+            [
+                ("policy", "policy", ""),
+                ("budget", "budget", ".0%"),
+                ("routed_clear", "routed clear", "d"),
+                ("routed_precision", "precision", ".2f"),
+                ("routed_recall", "recall", ".2f"),
+                ("routed_f1", "F1", ".2f"),
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "scores at other frame rates (k tuned per rate; means over budgets)",
+            results["fps_sensitivity"],
+            [
+                ("fps", "fps", "g"),
+                ("frames", "frames", "d"),
+                ("candidate", "candidate", ""),
+                ("cut_recall", "recall", ".3f"),
+                ("routed_precision", "P", ".2f"),
+                ("routed_recall", "R", ".2f"),
+                ("routed_f1", "F1", ".3f"),
+            ],
+        )
+    )
     c = results["cost"]
     console.print(
         f"[bold]cost per frame[/]: score {c['score_us']:.1f} us; score + routing {c['score_route_us']:.1f} us "
         f"(index mode), {c['score_route_tokens_us']:.1f} us holding token payloads; state blob {c['state_bytes']} B "
         f"({c['state_entries']} entries) written in {c['state_encode_us']:.0f} us, read in {c['state_decode_us']:.0f} us; "
         f"backbone {c['backbone_ms_b1']:.1f} ms (batch 1), {c['backbone_ms_b16']:.1f} ms (batch 16): scoring + routing "
-        f"= {c['overhead_vs_backbone_b16']:.1e} of the backbone")
+        f"= {c['overhead_vs_backbone_b16']:.1e} of the backbone"
+    )
     console.print(f"[bold]chosen[/]: {results['chosen']}")
     if not results["defaults_match"]:
-        console.print("[bold red]the chosen setup differs from the CurveStreamConfig / encoder defaults: update them[/]")
+        console.print(
+            "[bold red]the chosen setup differs from the CurveStreamConfig / encoder defaults: update them[/]"
+        )
     console.print(f"figures: {OUT}/curvature_timeline_{{10,25,50}}.png, {OUT / 'curvature_scores.png'}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--no-cache", action="store_true")
-    parser.add_argument("--update-docs", action="store_true",
-                        help="also rewrite docs/curvature_timeline.png (tracked); otherwise outputs go to bench/out/")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="also rewrite docs/curvature_timeline.png (tracked); otherwise outputs go to bench/out/",
+    )
     a = parser.parse_args()
     main(quick=a.quick, fps=a.fps, duration_s=a.duration, use_cache=not a.no_cache, update_docs=a.update_docs)

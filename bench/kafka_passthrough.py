@@ -49,8 +49,15 @@ def _frames(size: int, count: int) -> list[tuple[bytes, bytes]]:
     messages = []
     for i in range(count):
         stream = f"bench-{i % STREAMS}"
-        frame = Frame(stream_id=stream, seq=i // STREAMS, pts_us=i * 1000, codec="jpeg", width=64,
-                      height=64, payload=b"\xff\xd8" + body + b"\xff\xd9")
+        frame = Frame(
+            stream_id=stream,
+            seq=i // STREAMS,
+            pts_us=i * 1000,
+            codec="jpeg",
+            width=64,
+            height=64,
+            payload=b"\xff\xd8" + body + b"\xff\xd9",
+        )
         messages.append((stream.encode(), encode(frame)))
     return messages
 
@@ -85,8 +92,12 @@ def _output_span(settings, endpoints, topic: str, expected: int) -> tuple[int, f
 
 def raw_loop(settings, endpoints, source: str, sink: str, expected: int) -> float:
     consumer = connect.consumer(settings, endpoints, group_id=None, isolation_level="read_uncommitted")
-    producer = KafkaProducer(bootstrap_servers=endpoints.bootstrap_servers, linger_ms=5, batch_size=1 << 20,
-                             max_request_size=settings.limits.max_message_bytes + 65536)
+    producer = KafkaProducer(
+        bootstrap_servers=endpoints.bootstrap_servers,
+        linger_ms=5,
+        batch_size=1 << 20,
+        max_request_size=settings.limits.max_message_bytes + 65536,
+    )
     partitions = [TopicPartition(source, p) for p in range(PARTITIONS)]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
@@ -129,8 +140,9 @@ def main(quick: bool = False) -> dict:
                 progress.advance(bar)
 
                 start = time.perf_counter()
-                passthrough.run(settings, names[0], names[2], f"bench-{label}", commit_every=2000,
-                                 bounded=True)
+                passthrough.run(
+                    settings, names[0], names[2], f"bench-{label}", commit_every=2000, bounded=True
+                )
                 wall = time.perf_counter() - start
                 got, pipe_span = _output_span(settings, endpoints, names[2], count)
                 progress.advance(bar)
@@ -139,24 +151,46 @@ def main(quick: bool = False) -> dict:
                 mb = count * size / 2**20
                 raw_rate = count / max(raw_span, raw_s / 2, 1e-3)
                 pipe_rate = count / max(pipe_span, 1e-3)
-                rows.append({
-                    "size": label, "messages": count,
-                    "raw_msgs_per_s": raw_rate, "raw_MBps": raw_rate * mb / count,
-                    "pipeline_msgs_per_s": pipe_rate, "pipeline_MBps": pipe_rate * mb / count,
-                    "pipeline_wall_s": wall, "pipeline_startup_s": max(0.0, wall - pipe_span),
-                    "ratio": pipe_rate / raw_rate,
-                })
+                rows.append(
+                    {
+                        "size": label,
+                        "messages": count,
+                        "raw_msgs_per_s": raw_rate,
+                        "raw_MBps": raw_rate * mb / count,
+                        "pipeline_msgs_per_s": pipe_rate,
+                        "pipeline_MBps": pipe_rate * mb / count,
+                        "pipeline_wall_s": wall,
+                        "pipeline_startup_s": max(0.0, wall - pipe_span),
+                        "ratio": pipe_rate / raw_rate,
+                    }
+                )
             admin.close()
         finally:
             stack.down()
 
     table = Table(title="pass-through pipeline vs raw kafka-python loop (memory:// broker)")
-    for column in ("size", "n", "raw msg/s", "raw MB/s", "pipeline msg/s", "pipeline MB/s", "start-up s", "ratio"):
+    for column in (
+        "size",
+        "n",
+        "raw msg/s",
+        "raw MB/s",
+        "pipeline msg/s",
+        "pipeline MB/s",
+        "start-up s",
+        "ratio",
+    ):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["size"], str(r["messages"]), f"{r['raw_msgs_per_s']:.0f}", f"{r['raw_MBps']:.1f}",
-                      f"{r['pipeline_msgs_per_s']:.0f}", f"{r['pipeline_MBps']:.1f}",
-                      f"{r['pipeline_startup_s']:.1f}", f"{r['ratio']:.2f}")
+        table.add_row(
+            r["size"],
+            str(r["messages"]),
+            f"{r['raw_msgs_per_s']:.0f}",
+            f"{r['raw_MBps']:.1f}",
+            f"{r['pipeline_msgs_per_s']:.0f}",
+            f"{r['pipeline_MBps']:.1f}",
+            f"{r['pipeline_startup_s']:.1f}",
+            f"{r['ratio']:.2f}",
+        )
     console.print(table)
     OUT.mkdir(exist_ok=True)
     result = {"machine": f"{platform.node()} {os.cpu_count()} cores", "rows": rows}

@@ -203,7 +203,18 @@ def run_length(
 
 
 def _ask(
-    mem, mem_best, mem_recompute, mem_rekv, mem_raw, mem_baseline, adapter, tokenizer, state, chunks, tokens, needle
+    mem,
+    mem_best,
+    mem_recompute,
+    mem_rekv,
+    mem_raw,
+    mem_baseline,
+    adapter,
+    tokenizer,
+    state,
+    chunks,
+    tokens,
+    needle,
 ) -> dict:
     retrieved = mem.answer(state, needle.question, max_new_tokens=24)
     best = mem_best.answer(state, needle.question, max_new_tokens=24)

@@ -80,8 +80,14 @@ def _r(x: float | None, nd: int = 2) -> float | None:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
 
 
 @dataclass
@@ -150,10 +156,12 @@ class NoteWatcher:
                             with self._lock:
                                 if isinstance(item, VisualNote):
                                     self.visual.setdefault(item.stream_id, []).append(
-                                        Note(item.seq, item.pts_us, item.wall_us, now, item.encode_ms))
+                                        Note(item.seq, item.pts_us, item.wall_us, now, item.encode_ms)
+                                    )
                                 elif isinstance(item, SpeechNote):
                                     self.speech.setdefault(item.stream_id, []).append(
-                                        Speech(item.start_us, item.end_us, item.wall_us, item.text, now))
+                                        Speech(item.start_us, item.end_us, item.wall_us, item.text, now)
+                                    )
             finally:
                 consumer.close()
         except BaseException as err:  # reported by the main thread
@@ -194,9 +202,12 @@ class Run:
 
         self.stack = LocalStack(self.settings)
         self.stack.up()
-        topics = self.settings.topics.model_copy(update={
-            name: f"pb-{self.tag}.{name}" for name in ("frames", "audio", "queries", "answers", "dead_letter", "memory")
-        })
+        topics = self.settings.topics.model_copy(
+            update={
+                name: f"pb-{self.tag}.{name}"
+                for name in ("frames", "audio", "queries", "answers", "dead_letter", "memory")
+            }
+        )
         self.settings = self.settings.model_copy(update={"topics": topics})
         self.endpoints = connect.resolve_endpoints(self.settings)
         admin = connect.admin(self.settings, self.endpoints)
@@ -248,7 +259,9 @@ class Run:
 
         def target() -> None:
             try:
-                box["report"] = produce(self.settings, source, options, endpoints=self.endpoints, epoch_ms=epoch_ms)
+                box["report"] = produce(
+                    self.settings, source, options, endpoints=self.endpoints, epoch_ms=epoch_ms
+                )
             except BaseException as err:
                 box["error"] = err
 
@@ -258,8 +271,15 @@ class Run:
         thread.start()
         return box
 
-    def wait_notes(self, stream_ids: list[str], expected: int, timeout_s: float, progress=None, task=None,
-                   producers: list[dict] = ()) -> int:
+    def wait_notes(
+        self,
+        stream_ids: list[str],
+        expected: int,
+        timeout_s: float,
+        progress=None,
+        task=None,
+        producers: list[dict] = (),
+    ) -> int:
         deadline = time.monotonic() + timeout_s
         got = 0
         while time.monotonic() < deadline:
@@ -285,19 +305,36 @@ def warm_up(run: Run, media) -> dict:
     sid = f"warm-{run.tag}"
     t0 = time.perf_counter()
     epoch_ms = time.time_ns() // 1_000_000
-    box = run.produce_async(media.frames_dir, ProduceOptions(
-        stream_id=sid, image_fps=media.fps, audio_path=media.audio_path, speed=None, resume=False,
-        limit=WARMUP_FRAMES), epoch_ms=epoch_ms)
+    box = run.produce_async(
+        media.frames_dir,
+        ProduceOptions(
+            stream_id=sid,
+            image_fps=media.fps,
+            audio_path=media.audio_path,
+            speed=None,
+            resume=False,
+            limit=WARMUP_FRAMES,
+        ),
+        epoch_ms=epoch_ms,
+    )
     with console.status("warm-up: the pipeline loads its models (DINOv2, Whisper, SmolLM2, MiniLM)"):
         got = run.wait_notes([sid], WARMUP_FRAMES, 900, producers=[box])
         if got < WARMUP_FRAMES:
             raise BenchError(f"warm-up: {got} of {WARMUP_FRAMES} notes in 900 s\n{run.log_tail()}")
         notes_s = time.perf_counter() - t0
-        answer = ask(run.settings, sid, media.questions[0].text, asked_at_us=epoch_ms * 1000 + 10_000_000,
-                     timeout_s=600, check_stream=False)
+        answer = ask(
+            run.settings,
+            sid,
+            media.questions[0].text,
+            asked_at_us=epoch_ms * 1000 + 10_000_000,
+            timeout_s=600,
+            check_stream=False,
+        )
     out = {"notes_s": _r(notes_s, 1), "answered_s": _r(time.perf_counter() - t0, 1), "answer": answer.text}
-    console.log(f"[bold]warm-up[/]: {WARMUP_FRAMES} frames noted after {out['notes_s']} s, "
-                f"first answer after {out['answered_s']} s: {answer.text!r}")
+    console.log(
+        f"[bold]warm-up[/]: {WARMUP_FRAMES} frames noted after {out['notes_s']} s, "
+        f"first answer after {out['answered_s']} s: {answer.text!r}"
+    )
     return out
 
 
@@ -310,23 +347,46 @@ def ingest(run: Run, media, streams: int, frames: int) -> dict:
     with _progress() as progress:
         task = progress.add_task(f"ingest {streams} x {frames} frames", total=total, info="")
         t0 = time.time()
-        boxes = [run.produce_async(media.frames_dir, ProduceOptions(
-            stream_id=sid, image_fps=1.0, speed=None, audio=False, resume=False, limit=frames,
-            loops=math.ceil(frames / per_loop))) for sid in sids]
+        boxes = [
+            run.produce_async(
+                media.frames_dir,
+                ProduceOptions(
+                    stream_id=sid,
+                    image_fps=1.0,
+                    speed=None,
+                    audio=False,
+                    resume=False,
+                    limit=frames,
+                    loops=math.ceil(frames / per_loop),
+                ),
+            )
+            for sid in sids
+        ]
         got = run.wait_notes(sids, total, 600, progress, task, producers=boxes)
     if got < total:
         raise BenchError(f"ingest: {got} of {total} notes in 600 s\n{run.log_tail()}")
     notes = [n for sid in sids for n in run.watcher.notes(sid)]
     last = max(n.read_s for n in notes)
     first = min(n.read_s for n in notes)
-    send_s = max(b["report"].elapsed_s for b in boxes if "report" in b) if all("report" in b for b in boxes) else None
+    send_s = (
+        max(b["report"].elapsed_s for b in boxes if "report" in b)
+        if all("report" in b for b in boxes)
+        else None
+    )
     elapsed = last - t0
     fps = total / elapsed
     cores = os.cpu_count() or 1
     return {
-        "streams": streams, "frames_per_stream": frames, "frames": total, "stream_ids": sids,
-        "elapsed_s": _r(elapsed, 3), "first_note_after_s": _r(first - t0, 3), "publish_s": _r(send_s, 3),
-        "fps": _r(fps), "fps_per_stream": _r(fps / streams), "fps_per_core": _r(fps / cores),
+        "streams": streams,
+        "frames_per_stream": frames,
+        "frames": total,
+        "stream_ids": sids,
+        "elapsed_s": _r(elapsed, 3),
+        "first_note_after_s": _r(first - t0, 3),
+        "publish_s": _r(send_s, 3),
+        "fps": _r(fps),
+        "fps_per_stream": _r(fps / streams),
+        "fps_per_core": _r(fps / cores),
         "pipeline_encode_ms_mean": _r(statistics.fmean(n.encode_ms for n in notes)),
         "pipeline_encode_ms_p50": _r(_pct([n.encode_ms for n in notes], 50)),
     }
@@ -355,8 +415,9 @@ def bare(run: Run, stream_ids: list[str], expected: int) -> dict:
         while len(records) < expected and time.monotonic() < deadline:
             for messages in consumer.poll(timeout_ms=200).values():
                 for m in messages:
-                    rec = KafkaRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp,
-                                      tuple(m.headers or ()))
+                    rec = KafkaRecord(
+                        m.topic, m.partition, m.offset, m.key, m.value, m.timestamp, tuple(m.headers or ())
+                    )
                     if m.key in keys:
                         records.append(rec)
                     elif m.key is not None and m.key.startswith(b"warm-"):
@@ -385,9 +446,12 @@ def bare(run: Run, stream_ids: list[str], expected: int) -> dict:
             progress.advance(task)
     total_s = sum(times)
     return {
-        "frames": len(records), "torch_threads": torch.get_num_threads(),
-        "fps": _r(len(records) / total_s), "ms_mean": _r(1000 * statistics.fmean(times)),
-        "ms_p50": _r(1000 * _pct(times, 50)), "ms_p95": _r(1000 * _pct(times, 95)),
+        "frames": len(records),
+        "torch_threads": torch.get_num_threads(),
+        "fps": _r(len(records) / total_s),
+        "ms_mean": _r(1000 * statistics.fmean(times)),
+        "ms_p50": _r(1000 * _pct(times, 50)),
+        "ms_p95": _r(1000 * _pct(times, 95)),
         "encode_ms_mean": _r(statistics.fmean(encode_ms)) if encode_ms else None,
         "encode_ms_p50": _r(_pct(encode_ms, 50)) if encode_ms else None,
         "ms_per_frame": [_r(1000 * t, 1) for t in times],
@@ -403,9 +467,21 @@ def concurrent(run: Run, media, n: int, seconds: int, label: str) -> dict:
     rss = RssSampler(run.pipeline.pid).start()
     with _progress() as progress:
         task = progress.add_task(f"{n} streams at 1 fps for {seconds} s", total=total, info="")
-        boxes = [run.produce_async(media.frames_dir, ProduceOptions(
-            stream_id=sid, image_fps=1.0, speed=1.0, audio=False, resume=False, limit=seconds,
-            loops=math.ceil(seconds / per_loop))) for sid in sids]
+        boxes = [
+            run.produce_async(
+                media.frames_dir,
+                ProduceOptions(
+                    stream_id=sid,
+                    image_fps=1.0,
+                    speed=1.0,
+                    audio=False,
+                    resume=False,
+                    limit=seconds,
+                    loops=math.ceil(seconds / per_loop),
+                ),
+            )
+            for sid in sids
+        ]
         got = run.wait_notes(sids, total, seconds + max(60, seconds), progress, task, producers=boxes)
     samples = rss.stop()
     notes = sorted((n_ for sid in sids for n_ in run.watcher.notes(sid)), key=lambda x: x.wall_us)
@@ -415,13 +491,19 @@ def concurrent(run: Run, media, n: int, seconds: int, label: str) -> dict:
     p95_first, p95_last = _pct(first, 95), _pct(last, 95)
     bounded = bool(got >= total and p95_last <= 2 * p95_first and p95_last < 3.0)
     return {
-        "streams": n, "seconds": seconds, "frames": total, "noted": got,
-        "lag_p50_s": _r(_pct(lags, 50), 3), "lag_p95_s": _r(_pct(lags, 95), 3), "lag_max_s": _r(max(lags), 3),
-        "lag_p95_first_third_s": _r(p95_first, 3), "lag_p95_last_third_s": _r(p95_last, 3),
+        "streams": n,
+        "seconds": seconds,
+        "frames": total,
+        "noted": got,
+        "lag_p50_s": _r(_pct(lags, 50), 3),
+        "lag_p95_s": _r(_pct(lags, 95), 3),
+        "lag_max_s": _r(max(lags), 3),
+        "lag_p95_first_third_s": _r(p95_first, 3),
+        "lag_p95_last_third_s": _r(p95_last, 3),
         "bounded": bounded,
         # the pipeline process's resident memory over the run (MB): first, last third's max, max
         "rss_first_mb": _r(samples[0] if samples else None, 1),
-        "rss_last_third_max_mb": _r(max(samples[-max(1, len(samples) // 3):]) if samples else None, 1),
+        "rss_last_third_max_mb": _r(max(samples[-max(1, len(samples) // 3) :]) if samples else None, 1),
         "rss_max_mb": _r(max(samples) if samples else None, 1),
     }
 
@@ -477,11 +559,17 @@ def questions(run: Run, media, count: int) -> dict:
     speech_end_us = int(media.utterances[-1][1] * 1e6) - 1_000_000
     epoch_ms = time.time_ns() // 1_000_000
     t0 = time.perf_counter()
-    box = run.produce_async(media.frames_dir, ProduceOptions(
-        stream_id=sid, image_fps=media.fps, audio_path=media.audio_path, speed=None, resume=False),
-        epoch_ms=epoch_ms)
-    with console.status(f"question stream: {frames} frames + {media.duration_s:.0f} s of speech, "
-                        "waiting for the notes and transcripts"):
+    box = run.produce_async(
+        media.frames_dir,
+        ProduceOptions(
+            stream_id=sid, image_fps=media.fps, audio_path=media.audio_path, speed=None, resume=False
+        ),
+        epoch_ms=epoch_ms,
+    )
+    with console.status(
+        f"question stream: {frames} frames + {media.duration_s:.0f} s of speech, "
+        "waiting for the notes and transcripts"
+    ):
         run.wait_notes([sid], frames, 300, producers=[box])
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -508,19 +596,31 @@ def questions(run: Run, media, count: int) -> dict:
             wall_ms = (time.perf_counter() - c0) * 1000
             stages = {s.stage: s.ms for s in answer.latency}
             model_ms = sum(stages.get(k, 0.0) for k in ("retrieve", "prefill", "decode"))
-            rows.append({"question": text, "answer": answer.text, "client_ms": _r(wall_ms, 1),
-                         "model_ms": _r(model_ms, 1), "stages_ms": {k: _r(v, 1) for k, v in stages.items()}})
+            rows.append(
+                {
+                    "question": text,
+                    "answer": answer.text,
+                    "client_ms": _r(wall_ms, 1),
+                    "model_ms": _r(model_ms, 1),
+                    "stages_ms": {k: _r(v, 1) for k, v in stages.items()},
+                }
+            )
             progress.update(task, advance=1, info=f"{wall_ms:.0f} ms (model {model_ms:.0f})")
     client = [r["client_ms"] for r in rows]
     model = [r["model_ms"] for r in rows]
     total = [r["stages_ms"].get("total", 0.0) for r in rows]
     return {
-        "stream_s": media.duration_s, "ready_after_s": _r(ready_s, 1), "speech_notes": sum(1 for s in speech if s.text),
+        "stream_s": media.duration_s,
+        "ready_after_s": _r(ready_s, 1),
+        "speech_notes": sum(1 for s in speech if s.text),
         "questions": count,
-        "client_ms_p50": _r(_pct(client, 50), 1), "client_ms_p95": _r(_pct(client, 95), 1),
-        "model_ms_p50": _r(_pct(model, 50), 1), "model_ms_p95": _r(_pct(model, 95), 1),
+        "client_ms_p50": _r(_pct(client, 50), 1),
+        "client_ms_p95": _r(_pct(client, 95), 1),
+        "model_ms_p50": _r(_pct(model, 50), 1),
+        "model_ms_p95": _r(_pct(model, 95), 1),
         "pipeline_total_ms_p50": _r(_pct(total, 50), 1),
-        "ratio_p50": _r(_pct(client, 50) / _pct(model, 50)), "ratio_p95": _r(_pct(client, 95) / _pct(model, 95)),
+        "ratio_p50": _r(_pct(client, 50) / _pct(model, 50)),
+        "ratio_p95": _r(_pct(client, 95) / _pct(model, 95)),
         "answers": rows,
     }
 
@@ -564,15 +664,24 @@ def main(quick: bool = False) -> dict:
     p = QUICK if quick else FULL
     cores = os.cpu_count() or 1
     results: dict = {
-        "quick": quick, "params": p,
-        "machine": {"node": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": cores, "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "quick": quick,
+        "params": p,
+        "machine": {
+            "node": platform.node(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": cores,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
     }
     t_start = time.perf_counter()
     with live_pipeline("svqa-pb-", results) as (run, media):
         ing = ingest(run, media, p["streams"], p["frames"])
         results["ingest"] = ing
-        console.log(f"[bold]ingest[/]: {ing['frames']} frames in {ing['elapsed_s']} s = {ing['fps']} frames/s")
+        console.log(
+            f"[bold]ingest[/]: {ing['frames']} frames in {ing['elapsed_s']} s = {ing['fps']} frames/s"
+        )
         b = bare(run, ing.pop("stream_ids"), ing["frames"])
         results["bare"] = b
         results["ingest"]["ratio_pipeline_vs_bare"] = _r(ing["fps"] / b["fps"])
@@ -600,28 +709,56 @@ def main(quick: bool = False) -> dict:
 def _print(results: dict, cores: int) -> None:
     ing, b, q = results["ingest"], results["bare"], results["questions"]
     s = ing["streams"]
-    table = Table(title=f"video-QA pipeline vs baselines ({'quick' if results['quick'] else 'full'}, "
-                        f"{cores} cores, torch threads {results['machine']['torch_threads']})")
+    table = Table(
+        title=f"video-QA pipeline vs baselines ({'quick' if results['quick'] else 'full'}, "
+        f"{cores} cores, torch threads {results['machine']['torch_threads']})"
+    )
     for column in ("figure", "pipeline", "baseline", "ratio"):
         table.add_column(column)
-    table.add_row(f"ingest frames/s ({s} x {ing['frames_per_stream']})", f"{ing['fps']}",
-                  f"{b['fps']} (bare FrameStage)", f"{ing['ratio_pipeline_vs_bare']}")
-    table.add_row("  per stream", f"{ing['fps_per_stream']}", f"{_r(b['fps'] / s)}", f"{ing['ratio_pipeline_vs_bare']}")
-    table.add_row("  per core", f"{ing['fps_per_core']}", f"{_r(b['fps'] / cores)}", f"{ing['ratio_pipeline_vs_bare']}")
-    table.add_row("  encoder ms/frame", f"{ing['pipeline_encode_ms_mean']}", f"{b['encode_ms_mean']}",
-                  f"{_r(ing['pipeline_encode_ms_mean'] / b['encode_ms_mean']) if b['encode_ms_mean'] else '-'}")
+    table.add_row(
+        f"ingest frames/s ({s} x {ing['frames_per_stream']})",
+        f"{ing['fps']}",
+        f"{b['fps']} (bare FrameStage)",
+        f"{ing['ratio_pipeline_vs_bare']}",
+    )
+    table.add_row(
+        "  per stream", f"{ing['fps_per_stream']}", f"{_r(b['fps'] / s)}", f"{ing['ratio_pipeline_vs_bare']}"
+    )
+    table.add_row(
+        "  per core", f"{ing['fps_per_core']}", f"{_r(b['fps'] / cores)}", f"{ing['ratio_pipeline_vs_bare']}"
+    )
+    table.add_row(
+        "  encoder ms/frame",
+        f"{ing['pipeline_encode_ms_mean']}",
+        f"{b['encode_ms_mean']}",
+        f"{_r(ing['pipeline_encode_ms_mean'] / b['encode_ms_mean']) if b['encode_ms_mean'] else '-'}",
+    )
     for r in results["concurrent"]["runs"]:
-        table.add_row(f"{r['streams']} streams @ 1 fps, {r['seconds']} s: lag p50 / p95 s",
-                      f"{r['lag_p50_s']} / {r['lag_p95_s']}",
-                      f"budget {r['budget_ms']} ms vs bare {r['bare_ms_mean']} ms/frame",
-                      f"{r['ratio_bare_vs_budget']}")
-        table.add_row("  bounded (p95 first -> last third, noted)",
-                      f"{'yes' if r['bounded'] else 'NO'} ({r['lag_p95_first_third_s']} -> "
-                      f"{r['lag_p95_last_third_s']} s, {r['noted']}/{r['frames']})", "", "")
-        table.add_row("  pipeline RSS MB (first, last third max, max)",
-                      f"{r['rss_first_mb']}, {r['rss_last_third_max_mb']}, {r['rss_max_mb']}", "", "")
-    table.add_row(f"question ms p50 ({q['questions']} asked)", f"{q['client_ms_p50']} (client)",
-                  f"{q['model_ms_p50']} (model)", f"{q['ratio_p50']}")
+        table.add_row(
+            f"{r['streams']} streams @ 1 fps, {r['seconds']} s: lag p50 / p95 s",
+            f"{r['lag_p50_s']} / {r['lag_p95_s']}",
+            f"budget {r['budget_ms']} ms vs bare {r['bare_ms_mean']} ms/frame",
+            f"{r['ratio_bare_vs_budget']}",
+        )
+        table.add_row(
+            "  bounded (p95 first -> last third, noted)",
+            f"{'yes' if r['bounded'] else 'NO'} ({r['lag_p95_first_third_s']} -> "
+            f"{r['lag_p95_last_third_s']} s, {r['noted']}/{r['frames']})",
+            "",
+            "",
+        )
+        table.add_row(
+            "  pipeline RSS MB (first, last third max, max)",
+            f"{r['rss_first_mb']}, {r['rss_last_third_max_mb']}, {r['rss_max_mb']}",
+            "",
+            "",
+        )
+    table.add_row(
+        f"question ms p50 ({q['questions']} asked)",
+        f"{q['client_ms_p50']} (client)",
+        f"{q['model_ms_p50']} (model)",
+        f"{q['ratio_p50']}",
+    )
     table.add_row("question ms p95", f"{q['client_ms_p95']}", f"{q['model_ms_p95']}", f"{q['ratio_p95']}")
     console.print(table)
     console.print(f"wrote {OUT / 'pipeline_bench.json'} ({results['total_s']} s)")

@@ -47,7 +47,9 @@ QUICK = {"streams": 2, "minutes": 3.0, "ask_every_s": 20.0}
 FULL = {"streams": 4, "minutes": 30.0, "ask_every_s": 20.0}
 
 
-def _asker(run: Run, sids: list[str], texts: list[str], every_s: float, stop: threading.Event, rows: list) -> None:
+def _asker(
+    run: Run, sids: list[str], texts: list[str], every_s: float, stop: threading.Event, rows: list
+) -> None:
     from streamvqa.ask import ask
 
     i = 0
@@ -58,8 +60,16 @@ def _asker(run: Run, sids: list[str], texts: list[str], every_s: float, stop: th
         try:
             answer = ask(run.settings, sid, text, timeout_s=120, check_stream=False)
             stages = {s.stage: round(s.ms, 1) for s in answer.latency}
-            rows.append({"at_s": t0, "stream": sid, "ms": (time.time() - t0) * 1000, "text": answer.text,
-                         "evidence": len(answer.evidence), "stages_ms": stages})
+            rows.append(
+                {
+                    "at_s": t0,
+                    "stream": sid,
+                    "ms": (time.time() - t0) * 1000,
+                    "text": answer.text,
+                    "evidence": len(answer.evidence),
+                    "stages_ms": stages,
+                }
+            )
         except Exception as err:  # counted as unanswered
             rows.append({"at_s": t0, "stream": sid, "ms": None, "error": repr(err)})
 
@@ -72,16 +82,30 @@ def soak(run: Run, media, streams: int, minutes: float, ask_every_s: float) -> d
     sids = [f"soak-{run.tag}-{i}" for i in range(streams)]
     rss = RssSampler(run.pipeline.pid).start()
     t_start = time.time()
-    boxes = [run.produce_async(media.frames_dir, ProduceOptions(
-        stream_id=sid, image_fps=1.0, audio_path=media.audio_path, speed=1.0, resume=False, limit=seconds,
-        loops=math.ceil(seconds / per_loop))) for sid in sids]
+    boxes = [
+        run.produce_async(
+            media.frames_dir,
+            ProduceOptions(
+                stream_id=sid,
+                image_fps=1.0,
+                audio_path=media.audio_path,
+                speed=1.0,
+                resume=False,
+                limit=seconds,
+                loops=math.ceil(seconds / per_loop),
+            ),
+        )
+        for sid in sids
+    ]
     stop, answers = threading.Event(), []
     texts = [q.text for q in media.questions if q.image_from is None]
     asker = threading.Thread(target=_asker, args=(run, sids, texts, ask_every_s, stop, answers), daemon=True)
     asker.start()
     total = streams * seconds
     with _progress() as progress:
-        task = progress.add_task(f"{streams} streams at 1 fps with speech for {minutes:g} min", total=total, info="")
+        task = progress.add_task(
+            f"{streams} streams at 1 fps with speech for {minutes:g} min", total=total, info=""
+        )
         deadline = time.monotonic() + seconds + 120
         while time.monotonic() < deadline:
             got = run.wait_notes(sids, total, 5.0, producers=boxes)
@@ -108,16 +132,23 @@ def soak(run: Run, media, streams: int, minutes: float, ask_every_s: float) -> d
     first_ms = [a["ms"] for a in answered if a["at_s"] - t_start < third]
     last_ms = [a["ms"] for a in answered if a["at_s"] - t_start >= 2 * third]
     result = {
-        "streams": streams, "minutes": minutes, "frames": total, "noted": run.watcher.count(sids),
+        "streams": streams,
+        "minutes": minutes,
+        "frames": total,
+        "noted": run.watcher.count(sids),
         "utterances_noted": len(speech),
-        "questions": len(answers), "answered": len(answered),
-        "lag_p95_first_third_s": _r(_pct(first_lags, 95), 3), "lag_p95_last_third_s": _r(_pct(last_lags, 95), 3),
-        "lag_p50_s": _r(_pct([v for _, v in lag], 50), 3), "lag_max_s": _r(max((v for _, v in lag), default=None), 3),
+        "questions": len(answers),
+        "answered": len(answered),
+        "lag_p95_first_third_s": _r(_pct(first_lags, 95), 3),
+        "lag_p95_last_third_s": _r(_pct(last_lags, 95), 3),
+        "lag_p50_s": _r(_pct([v for _, v in lag], 50), 3),
+        "lag_max_s": _r(max((v for _, v in lag), default=None), 3),
         "rss_first_third_max_mb": _r(max(first_rss), 1) if samples else None,
         "rss_middle_third_max_mb": _r(max(middle_rss), 1) if samples else None,
         "rss_last_third_max_mb": _r(max(last_rss), 1) if samples else None,
         "rss_max_mb": _r(max(samples), 1) if samples else None,
-        "answer_ms_p50_first_third": _r(_pct(first_ms, 50), 1), "answer_ms_p50_last_third": _r(_pct(last_ms, 50), 1),
+        "answer_ms_p50_first_third": _r(_pct(first_ms, 50), 1),
+        "answer_ms_p50_last_third": _r(_pct(last_ms, 50), 1),
         "answer_ms_p95": _r(_pct([a["ms"] for a in answered], 95), 1),
     }
     result["ratio_rss_last_vs_first"] = _r(max(last_rss) / max(first_rss), 3) if samples else None
@@ -125,8 +156,10 @@ def soak(run: Run, media, streams: int, minutes: float, ask_every_s: float) -> d
     result["ratio_rss_last_vs_middle"] = _r(max(last_rss) / max(middle_rss), 3) if samples else None
     result["ratio_lag_p95_last_vs_first"] = _r(_pct(last_lags, 95) / _pct(first_lags, 95), 3)
     result["bounded"] = bool(
-        result["noted"] >= total and len(answered) == len(answers)
-        and (result["ratio_rss_last_vs_middle"] or 9) <= 1.05 and (result["ratio_lag_p95_last_vs_first"] or 9) <= 1.5
+        result["noted"] >= total
+        and len(answered) == len(answers)
+        and (result["ratio_rss_last_vs_middle"] or 9) <= 1.05
+        and (result["ratio_lag_p95_last_vs_first"] or 9) <= 1.5
     )
     result["kv_mb_by_tier"] = _kv_by_tier(run, sids)
     _plot(samples, lag, answered, t_start, result)
@@ -154,8 +187,9 @@ def _kv_by_tier(run: Run, sids: list[str]) -> dict[str, float]:
     return {k: _r(v, 1) for k, v in sorted(out.items())}
 
 
-def _plot(samples: list[float], lag: list[tuple[float, float]], answered: list[dict], t_start: float,
-          result: dict) -> None:
+def _plot(
+    samples: list[float], lag: list[tuple[float, float]], answered: list[dict], t_start: float, result: dict
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,9 +204,11 @@ def _plot(samples: list[float], lag: list[tuple[float, float]], answered: list[d
     axes[2].scatter([(a["at_s"] - t_start) / 60 for a in answered], [a["ms"] / 1000 for a in answered], s=10)
     axes[2].set_ylabel("answer latency (s)")
     axes[2].set_xlabel("minutes into the run")
-    fig.suptitle(f"soak: {result['streams']} streams at 1 fps with speech, {result['minutes']:g} min "
-                 f"(RSS last/middle third {result['ratio_rss_last_vs_middle']}, "
-                 f"lag p95 {result['ratio_lag_p95_last_vs_first']})")
+    fig.suptitle(
+        f"soak: {result['streams']} streams at 1 fps with speech, {result['minutes']:g} min "
+        f"(RSS last/middle third {result['ratio_rss_last_vs_middle']}, "
+        f"lag p95 {result['ratio_lag_p95_last_vs_first']})"
+    )
     fig.tight_layout()
     OUT.mkdir(exist_ok=True)
     fig.savefig(OUT / "soak.png", dpi=110)
@@ -187,8 +223,15 @@ def main(quick: bool = False, streams: int | None = None, minutes: float | None 
     p = dict(QUICK if quick else FULL)
     p["streams"] = streams or p["streams"]
     p["minutes"] = minutes or p["minutes"]
-    results: dict = {"params": p, "machine": {"node": platform.node(), "cpu_count": os.cpu_count(),
-                                              "torch": torch.__version__, "torch_threads": torch.get_num_threads()}}
+    results: dict = {
+        "params": p,
+        "machine": {
+            "node": platform.node(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
     t0 = time.perf_counter()
     with live_pipeline("svqa-soak-", results) as (run, media):
         results["soak"] = soak(run, media, p["streams"], p["minutes"], p["ask_every_s"])
@@ -205,13 +248,27 @@ def _print(s: dict) -> None:
     table = Table(title=f"soak: {s['streams']} streams at 1 fps with speech, {s['minutes']:g} min")
     for column in ("figure", "first third", "last third", "ratio"):
         table.add_column(column)
-    table.add_row("pipeline RSS max (MB)", f"{s['rss_first_third_max_mb']}", f"{s['rss_last_third_max_mb']}",
-                  f"{s['ratio_rss_last_vs_first']}")
-    table.add_row("  middle third -> last third", f"{s['rss_middle_third_max_mb']}", f"{s['rss_last_third_max_mb']}",
-                  f"{s['ratio_rss_last_vs_middle']}")
-    table.add_row("note lag p95 (s)", f"{s['lag_p95_first_third_s']}", f"{s['lag_p95_last_third_s']}",
-                  f"{s['ratio_lag_p95_last_vs_first']}")
-    table.add_row("answer latency p50 (ms)", f"{s['answer_ms_p50_first_third']}", f"{s['answer_ms_p50_last_third']}", "")
+    table.add_row(
+        "pipeline RSS max (MB)",
+        f"{s['rss_first_third_max_mb']}",
+        f"{s['rss_last_third_max_mb']}",
+        f"{s['ratio_rss_last_vs_first']}",
+    )
+    table.add_row(
+        "  middle third -> last third",
+        f"{s['rss_middle_third_max_mb']}",
+        f"{s['rss_last_third_max_mb']}",
+        f"{s['ratio_rss_last_vs_middle']}",
+    )
+    table.add_row(
+        "note lag p95 (s)",
+        f"{s['lag_p95_first_third_s']}",
+        f"{s['lag_p95_last_third_s']}",
+        f"{s['ratio_lag_p95_last_vs_first']}",
+    )
+    table.add_row(
+        "answer latency p50 (ms)", f"{s['answer_ms_p50_first_third']}", f"{s['answer_ms_p50_last_third']}", ""
+    )
     table.add_row("frames noted / sent", f"{s['noted']} / {s['frames']}", "", "")
     table.add_row("questions answered / asked", f"{s['answered']} / {s['questions']}", "", "")
     table.add_row("utterances transcribed", f"{s['utterances_noted']}", "", "")

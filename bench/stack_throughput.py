@@ -82,7 +82,11 @@ def s3_rate(store, payload: bytes, count: int, threads: int, prefix: str) -> tup
 
 def main(quick: bool = False) -> dict:
     volume = VOLUME_BYTES // 8 if quick else VOLUME_BYTES
-    results: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores", "volume_mb": volume / 2**20, "rows": []}
+    results: dict = {
+        "machine": f"{platform.node()} {os.cpu_count()} cores",
+        "volume_mb": volume / 2**20,
+        "rows": [],
+    }
     rows = results["rows"]
     tasks = len(SIZES) * 2 * 3 + len(SIZES) * 2
     with tempfile.TemporaryDirectory(prefix="svqa-bench-") as tmp, Progress(console=console) as progress:
@@ -115,17 +119,31 @@ def main(quick: bool = False) -> dict:
                         progress.advance(bar)
                         consume_s = kafka_consume(settings, endpoints, topic, count)
                         progress.advance(bar)
-                        rows.append({"system": f"kafka {storage}://", "client": variant, "size": label,
-                                     "messages": count, "produce_MBps": mb / produce_s,
-                                     "consume_MBps": mb / consume_s})
+                        rows.append(
+                            {
+                                "system": f"kafka {storage}://",
+                                "client": variant,
+                                "size": label,
+                                "messages": count,
+                                "produce_MBps": mb / produce_s,
+                                "consume_MBps": mb / consume_s,
+                            }
+                        )
                     progress.advance(bar)
                     if storage == "memory":  # the object store does not depend on the broker storage
                         store = connect.object_store(settings, endpoints)
                         for threads in (1, 4):
                             put_s, get_s = s3_rate(store, payload, count, threads, f"bench/{label}-{threads}")
-                            rows.append({"system": "s3 seaweedfs", "client": f"ObjectStore x{threads}",
-                                         "size": label, "messages": count,
-                                         "produce_MBps": mb / put_s, "consume_MBps": mb / get_s})
+                            rows.append(
+                                {
+                                    "system": "s3 seaweedfs",
+                                    "client": f"ObjectStore x{threads}",
+                                    "size": label,
+                                    "messages": count,
+                                    "produce_MBps": mb / put_s,
+                                    "consume_MBps": mb / get_s,
+                                }
+                            )
                             progress.advance(bar)
                 admin.close()
             finally:
@@ -141,16 +159,28 @@ def _print(rows: list[dict]) -> None:
     for column in ("system", "client", "size", "n", "write/produce", "read/consume"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["system"], r["client"], r["size"], str(r["messages"]),
-                      f"{r['produce_MBps']:.1f}", f"{r['consume_MBps']:.1f}")
+        table.add_row(
+            r["system"],
+            r["client"],
+            r["size"],
+            str(r["messages"]),
+            f"{r['produce_MBps']:.1f}",
+            f"{r['consume_MBps']:.1f}",
+        )
     console.print(table)
 
     def find(system: str, client: str, size: str) -> dict | None:
-        return next((r for r in rows if r["system"] == system and r["client"] == client and r["size"] == size), None)
+        return next(
+            (r for r in rows if r["system"] == system and r["client"] == client and r["size"] == size), None
+        )
 
     ratios = Table(title="ratios (project / baseline)")
-    for column in ("size", "s3:// / memory:// produce", "streamvqa / kafka-python defaults produce",
-                   "S3 x4 / x1 put"):
+    for column in (
+        "size",
+        "s3:// / memory:// produce",
+        "streamvqa / kafka-python defaults produce",
+        "S3 x4 / x1 put",
+    ):
         ratios.add_column(column)
     for size in SIZES:
         mem = find("kafka memory://", "streamvqa", size)

@@ -36,14 +36,20 @@ def _features(encoder, frames, per_stream: bool):
         out.append(o.pooled[0].float().numpy())
         if per_stream:
             skipped.append(encoder.last_stats[-1].skipped_fraction)
-    return np.array(out), (time.perf_counter() - t0) / len(frames), float(np.mean(skipped)) if skipped else 0.0
+    return (
+        np.array(out),
+        (time.perf_counter() - t0) / len(frames),
+        float(np.mean(skipped)) if skipped else 0.0,
+    )
 
 
 def _route(features):
     from streamvqa.operators.curvature.operator import CurveStream, frames_from_features
 
     _, steps = CurveStream().run(frames_from_features(features))
-    return np.array([s.decision.score for s in steps]), [i for i, s in enumerate(steps) if s.decision.tier == "clear"]
+    return np.array([s.decision.score for s in steps]), [
+        i for i, s in enumerate(steps) if s.decision.tier == "clear"
+    ]
 
 
 def main(quick: bool = False) -> None:
@@ -77,18 +83,38 @@ def main(quick: bool = False) -> None:
         scores, clear = _route(feats)
         ok = ~np.isnan(scores) & ~np.isnan(plain_scores)
         cos = (feats * plain).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(plain, axis=1)
-        rows[name] = {"ms_per_frame": sec * 1000, "ms_per_pass": [x[1] * 1000 for x in r],
-                      "score_corr": float(np.corrcoef(scores[ok], plain_scores[ok])[0, 1]),
-                      "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "skipped": skipped, "clear": clear,
-                      "clear_missed": sorted(set(plain_clear) - set(clear)),
-                      "clear_extra": sorted(set(clear) - set(plain_clear))}
-    table = Table("encoder", "ms/frame", "speed vs plain", "ViT work reused", "score corr", "cos mean/min",
-                  "clear frames", title=f"STC modes, {len(frames)} demo frames at 2 fps, one frame per call, "
-                  f"best of {passes} interleaved passes")
+        rows[name] = {
+            "ms_per_frame": sec * 1000,
+            "ms_per_pass": [x[1] * 1000 for x in r],
+            "score_corr": float(np.corrcoef(scores[ok], plain_scores[ok])[0, 1]),
+            "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            "skipped": skipped,
+            "clear": clear,
+            "clear_missed": sorted(set(plain_clear) - set(clear)),
+            "clear_extra": sorted(set(clear) - set(plain_clear)),
+        }
+    table = Table(
+        "encoder",
+        "ms/frame",
+        "speed vs plain",
+        "ViT work reused",
+        "score corr",
+        "cos mean/min",
+        "clear frames",
+        title=f"STC modes, {len(frames)} demo frames at 2 fps, one frame per call, "
+        f"best of {passes} interleaved passes",
+    )
     for name, r in rows.items():
-        table.add_row(name, f"{r['ms_per_frame']:.0f}", f"{rows['plain']['ms_per_frame'] / r['ms_per_frame']:.2f}x",
-                      f"{r['skipped']:.0%}", f"{r['score_corr']:.2f}", f"{r['cos_mean']:.3f}/{r['cos_min']:.3f}",
-                      ", ".join(map(str, r["clear"])))
+        table.add_row(
+            name,
+            f"{r['ms_per_frame']:.0f}",
+            f"{rows['plain']['ms_per_frame'] / r['ms_per_frame']:.2f}x",
+            f"{r['skipped']:.0%}",
+            f"{r['score_corr']:.2f}",
+            f"{r['cos_mean']:.3f}/{r['cos_min']:.3f}",
+            ", ".join(map(str, r["clear"])),
+        )
     console.print(table)
     OUT.mkdir(exist_ok=True)
     (OUT / "stc_modes.json").write_text(json.dumps(rows, indent=2))

@@ -65,8 +65,12 @@ class ModelGuard:
     messages). ``call(fn, rollback=...)`` returns ``fn()``'s result or raises as described in
     the module docstring."""
 
-    def __init__(self, name: str, policy: CallPolicy | None = None,
-                 is_outage: Callable[[BaseException], bool] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        policy: CallPolicy | None = None,
+        is_outage: Callable[[BaseException], bool] | None = None,
+    ) -> None:
         if is_outage is None:
             from streamvqa.operators.io.exactly_once import is_outage as default_is_outage
 
@@ -92,8 +96,9 @@ class ModelGuard:
         self._worker.retire()
         self._worker = None
 
-    def call(self, fn: Callable[[], Any], *, rollback: Callable[[], None] | None = None,
-             what: str = "") -> Any:
+    def call(
+        self, fn: Callable[[], Any], *, rollback: Callable[[], None] | None = None, what: str = ""
+    ) -> Any:
         """``fn()`` under the policy; ``rollback()`` runs (holding the model) before each retry;
         ``what`` names the input in the messages (e.g. ``frame 12 of cam-1``)."""
         policy = self.policy
@@ -125,8 +130,12 @@ class ModelGuard:
                     raise
                 errors.append(f"attempt {attempt}: {type(err).__name__}: {err}"[:300])
             self.failures += 1
-            log.warning("%s failed (%s)%s", label, errors[-1],
-                        f"; retry {attempt}/{policy.attempts - 1}" if attempt < policy.attempts else "; giving up")
+            log.warning(
+                "%s failed (%s)%s",
+                label,
+                errors[-1],
+                f"; retry {attempt}/{policy.attempts - 1}" if attempt < policy.attempts else "; giving up",
+            )
         # the last attempt may still hold the model: the next input must find it free
         if not self._lock.acquire(timeout=policy.timeout_s):
             raise ModelWedged(f"{label}: the last abandoned call still holds the model ({'; '.join(errors)})")

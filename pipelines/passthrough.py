@@ -50,18 +50,32 @@ class PassThroughProcessor:
         return json.loads(data)
 
 
-def build(pipeline: beam.Pipeline, settings: Settings, input_topic: str, output_topic: str, group: str,
-          commit_every: int = 1000, commit_interval_s: float = 1.0, bounded: bool = False) -> None:
+def build(
+    pipeline: beam.Pipeline,
+    settings: Settings,
+    input_topic: str,
+    output_topic: str,
+    group: str,
+    commit_every: int = 1000,
+    commit_interval_s: float = 1.0,
+    bounded: bool = False,
+) -> None:
     """``bounded``: end each partition at an end-of-stream marker (tests, benches); otherwise
     the job runs until stopped and a marker is a dead letter like any other bad message."""
     endpoints = connect.resolve_endpoints(settings)
     kafka = connect.kafka_config(settings, endpoints)
-    source = SourceConfig(client=kafka, group_id=group, end_markers=bounded, emit_end_of_stream=bounded,
-                          batch=True)
+    source = SourceConfig(
+        client=kafka, group_id=group, end_markers=bounded, emit_end_of_stream=bounded, batch=True
+    )
     task = TaskConfig(
-        kafka=kafka, s3=endpoints.s3, bucket=settings.s3.bucket, group=group,
-        output_topics=(output_topic,), dead_letter_topic=settings.topics.dead_letter,
-        commit_every=commit_every, commit_interval_s=commit_interval_s,
+        kafka=kafka,
+        s3=endpoints.s3,
+        bucket=settings.s3.bucket,
+        group=group,
+        output_topics=(output_topic,),
+        dead_letter_topic=settings.topics.dead_letter,
+        commit_every=commit_every,
+        commit_interval_s=commit_interval_s,
         max_message_bytes=settings.limits.max_message_bytes,
     )
     (

@@ -146,9 +146,7 @@ def _from_row(cls: type[Record], row: dict[str, Any]) -> Record:
     for name, item_cls in _row_fields(cls):  # type: ignore[arg-type]  # mypy: a union of classes is not Hashable
         value = row[name]
         if isinstance(value, list):
-            value = tuple(
-                item_cls(**v) if item_cls is not None and isinstance(v, dict) else v for v in value
-            )
+            value = tuple(item_cls(**v) if item_cls is not None and isinstance(v, dict) else v for v in value)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -214,9 +212,7 @@ def _decode_unchecked(data: Any, expected: type[Record] | None, limits: Limits) 
         schema = reader.schema
         _ = schema.names  # field names must be UTF-8; fail here rather than mid-comparison
     except UnicodeDecodeError as exc:
-        raise MalformedMessage(
-            f"corrupt Arrow IPC schema: a field name is not UTF-8: {exc}"
-        ) from exc
+        raise MalformedMessage(f"corrupt Arrow IPC schema: a field name is not UTF-8: {exc}") from exc
     except Exception as exc:
         raise MalformedMessage(f"corrupt Arrow IPC schema message: {exc}") from exc
     cls, version = _checked_schema(data, schema, expected)
@@ -260,7 +256,9 @@ _GOOD_SCHEMAS: dict[tuple[bytes, type[Record] | None], tuple[type[Record], int, 
 _GOOD_SCHEMAS_MAX = 256
 
 
-def _known_schema(data: bytes, expected: type[Record] | None) -> tuple[type[Record], int, FlatPlan | None] | None:
+def _known_schema(
+    data: bytes, expected: type[Record] | None
+) -> tuple[type[Record], int, FlatPlan | None] | None:
     """The checked (class, version, flat plan) if ``data`` starts with a schema message that passed."""
     if len(data) < 8:
         return None
@@ -323,16 +321,14 @@ def _check_version(schema: pa.Schema, cls: type[Record]) -> int:
     raw = (schema.metadata or {}).get(VERSION_KEY)
     if raw is None:
         raise WrongVersion(
-            f"{cls.__name__} schema has no streamvqa.version metadata; "
-            f"supported versions: {_versions()}",
+            f"{cls.__name__} schema has no streamvqa.version metadata; supported versions: {_versions()}",
             supported=SUPPORTED_VERSIONS,
         )
     text = raw.decode("utf-8", "replace")
     version = int(text) if re.fullmatch(r"[0-9]{1,9}", text) else None
     if version not in SUPPORTED_VERSIONS:
         raise WrongVersion(
-            f"{cls.__name__} message has schema version {_show(text)}; "
-            f"supported versions: {_versions()}",
+            f"{cls.__name__} message has schema version {_show(text)}; supported versions: {_versions()}",
             found=version if version is not None else text,
             supported=SUPPORTED_VERSIONS,
         )
@@ -359,9 +355,7 @@ def _check_schema(schema: pa.Schema, cls: type[Record]) -> None:
         elif found_names.count(name) == 1:
             want, got = expected.field(name), schema.field(name)
             if not got.equals(want):
-                problems.append(
-                    (name, f"field {name!r} is {_describe(got)}, expected {_describe(want)}")
-                )
+                problems.append((name, f"field {name!r} is {_describe(got)}, expected {_describe(want)}"))
     if problems:
         raise SchemaMismatch(
             f"{cls.__name__} schema mismatch: " + "; ".join(p for _, p in problems),
@@ -543,8 +537,9 @@ def _spec(field: pa.Field, item_cls: type | None = None) -> _Spec:
         item_field = t.value_field
         if item_cls is None:
             return _Spec(kind="list", item=_spec(item_field), **common)
-        return _Spec(kind="list", item_cls=item_cls, item_fields=tuple(_spec(sub) for sub in item_field.type),
-                     **common)
+        return _Spec(
+            kind="list", item_cls=item_cls, item_fields=tuple(_spec(sub) for sub in item_field.type), **common
+        )
     raise TypeError(f"unsupported Arrow type {t} for {field.name}")  # pragma: no cover
 
 
@@ -651,9 +646,7 @@ def _finite(value: float, field: str) -> None:
 
 def _choice(value: str, field: str, allowed: frozenset[str] | dict[str, int]) -> None:
     if value not in allowed:
-        raise InvalidField(
-            f"{field} {_show(value)} is not one of {', '.join(sorted(allowed))}", field
-        )
+        raise InvalidField(f"{field} {_show(value)} is not one of {', '.join(sorted(allowed))}", field)
 
 
 def _text(value: str, field: str, max_chars: int, *, allow_blank: bool = False) -> None:
@@ -682,8 +675,7 @@ def _payload(payload: bytes, field: str, limits: Limits) -> None:
         raise InvalidField(f"{field} is empty", field)
     if len(payload) > limits.max_payload_bytes:
         raise InvalidField(
-            f"{field} is {len(payload)} bytes, more than max_payload_bytes="
-            f"{limits.max_payload_bytes}",
+            f"{field} is {len(payload)} bytes, more than max_payload_bytes={limits.max_payload_bytes}",
             field,
         )
 
@@ -701,9 +693,7 @@ def _image(codec: str, payload: bytes, field: str) -> None:
         if not payload.startswith(_PNG_SIGNATURE):
             raise InvalidField(f"{field} is not a PNG: no PNG signature at the start", field)
         if not payload.endswith(_PNG_IEND):
-            raise InvalidField(
-                f"{field} is a truncated or corrupt PNG: no IEND chunk at the end", field
-            )
+            raise InvalidField(f"{field} is a truncated or corrupt PNG: no IEND chunk at the end", field)
 
 
 def _validate_frame(r: Frame, limits: Limits) -> None:
@@ -744,8 +734,7 @@ def _validate_audio(r: AudioChunk, limits: Limits) -> None:
     seconds = len(r.payload) // frame_bytes / r.sample_rate
     if seconds > limits.max_audio_seconds:
         raise InvalidField(
-            f"payload holds {seconds:.3f} s of audio, more than max_audio_seconds="
-            f"{limits.max_audio_seconds}",
+            f"payload holds {seconds:.3f} s of audio, more than max_audio_seconds={limits.max_audio_seconds}",
             "payload",
         )
     n_samples = len(r.payload) // frame_bytes

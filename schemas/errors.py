@@ -38,9 +38,7 @@ class SchemaError(ValueError):
         return self.message
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(reason={self.reason!r}, field={self.field!r}, {self.message!r})"
-        )
+        return f"{type(self).__name__}(reason={self.reason!r}, field={self.field!r}, {self.message!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keeps subclasses with extra keyword attributes picklable (Beam ships

@@ -27,9 +27,12 @@ _METADATA_V5 = 4  # MetadataVersion.V5, what pyarrow writes and reads
 _RECORD_BATCH = 3  # MessageHeader.RecordBatch
 _PAIR = struct.Struct("<ii")
 _FIXED = {  # arrow type id -> struct
-    pa.int8().id: struct.Struct("<b"), pa.int16().id: struct.Struct("<h"),
-    pa.int32().id: struct.Struct("<i"), pa.int64().id: struct.Struct("<q"),
-    pa.float32().id: struct.Struct("<f"), pa.float64().id: struct.Struct("<d"),
+    pa.int8().id: struct.Struct("<b"),
+    pa.int16().id: struct.Struct("<h"),
+    pa.int32().id: struct.Struct("<i"),
+    pa.int64().id: struct.Struct("<q"),
+    pa.float32().id: struct.Struct("<f"),
+    pa.float64().id: struct.Struct("<d"),
 }
 _STRING, _BINARY = pa.string().id, pa.binary().id
 
@@ -101,7 +104,14 @@ class _Table:
         if vsize < 4 or vsize % 2 or vtable + vsize > end or size < 4 or pos + size > end:
             raise _Unsure
         self.buf, self.meta, self.end, self.pos, self.vtable, self.vsize, self.size = (
-            buf, meta, end, pos, vtable, vsize, size)
+            buf,
+            meta,
+            end,
+            pos,
+            vtable,
+            vsize,
+            size,
+        )
 
     def field(self, slot: int, width: int) -> int | None:
         """Where field ``slot`` (``width`` bytes) is; None: absent."""

@@ -143,9 +143,7 @@ class SourceOffset:
     next_offset: int
 
 
-_EVIDENCE = pa.struct(
-    [_req("start_us", pa.int64()), _req("end_us", pa.int64()), _req("score", pa.float64())]
-)
+_EVIDENCE = pa.struct([_req("start_us", pa.int64()), _req("end_us", pa.int64()), _req("score", pa.float64())])
 _LATENCY = pa.struct([_req("stage", pa.string()), _req("ms", pa.float64())])
 _MANIFEST_FRAME = pa.struct(
     [
@@ -464,7 +462,8 @@ Record = Frame | AudioChunk | Query | Answer | DeadLetter | MemoryManifest | Vis
 
 #: Record name (the ``streamvqa.type`` schema metadata) -> record class.
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.__name__: cls for cls in (Frame, AudioChunk, Query, Answer, DeadLetter, MemoryManifest, VisualNote, SpeechNote)
+    cls.__name__: cls
+    for cls in (Frame, AudioChunk, Query, Answer, DeadLetter, MemoryManifest, VisualNote, SpeechNote)
 }
 
 

@@ -122,14 +122,22 @@ def ask(
             f"unknown stream {stream_id!r}: nothing of it on {settings.topics.frames} or {settings.topics.audio} "
             "(publish it with `streamvqa produce SOURCE --stream-id ...`)"
         )
-    query = make_query(stream_id, text, image=image, image_codec=image_codec, options=options,
-                       asked_at_us=asked_at_us, query_id=query_id)
+    query = make_query(
+        stream_id,
+        text,
+        image=image,
+        image_codec=image_codec,
+        options=options,
+        asked_at_us=asked_at_us,
+        query_id=query_id,
+    )
     value = encode(query)  # validates: a bad question is refused here, not dead-lettered
     producer = connect.producer(settings, endpoints)
     consumer = connect.consumer(settings, endpoints, group_id=None)
     try:
-        tp = TopicPartition(settings.topics.answers, partition_for(producer, settings.topics.answers,
-                                                                 stream_id.encode()))
+        tp = TopicPartition(
+            settings.topics.answers, partition_for(producer, settings.topics.answers, stream_id.encode())
+        )
         consumer.assign([tp])
         start = high_watermark(consumer, tp)
         consumer.seek(tp, start)
@@ -179,7 +187,9 @@ def follow_answers(
             for tp in parts:
                 consumer.seek(tp, high_watermark(consumer, tp))
         last = time.monotonic()
-        while (idle_timeout_s is None or time.monotonic() - last < idle_timeout_s) and not (stop and stop.is_set()):
+        while (idle_timeout_s is None or time.monotonic() - last < idle_timeout_s) and not (
+            stop and stop.is_set()
+        ):
             for messages in consumer.poll(timeout_ms=200).values():
                 for message in messages:
                     last = time.monotonic()
@@ -200,19 +210,30 @@ def format_answer(answer: Answer) -> str:
 
 
 def _as_json(answer: Answer) -> str:
-    return json.dumps({
-        "query_id": answer.query_id, "stream_id": answer.stream_id, "text": answer.text,
-        "model_id": answer.model_id,
-        "evidence": [{"start_s": e.start_us / 1e6, "end_s": e.end_us / 1e6, "score": e.score} for e in answer.evidence],
-        "latency_ms": {s.stage: s.ms for s in answer.latency},
-    })
+    return json.dumps(
+        {
+            "query_id": answer.query_id,
+            "stream_id": answer.stream_id,
+            "text": answer.text,
+            "model_id": answer.model_id,
+            "evidence": [
+                {"start_s": e.start_us / 1e6, "end_s": e.end_us / 1e6, "score": e.score}
+                for e in answer.evidence
+            ],
+            "latency_ms": {s.stage: s.ms for s in answer.latency},
+        }
+    )
 
 
 def ask_command(
     stream_id: Annotated[str, typer.Argument(help="The stream to ask about.")],
     question: Annotated[str, typer.Argument(help="The question.")],
-    image: Annotated[Path | None, typer.Option(help="An example image (JPEG/PNG): 'when did this appear?'.")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", help="A multiple-choice option (repeat).")] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="An example image (JPEG/PNG): 'when did this appear?'.")
+    ] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", help="A multiple-choice option (repeat).")
+    ] = None,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the answer.")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Project data folder.")] = None,
@@ -230,8 +251,15 @@ def ask_command(
         payload = image.read_bytes()
         codec = "png" if payload.startswith(b"\x89PNG") else "jpeg"
     try:
-        answer = ask(settings, stream_id, question, image=payload, image_codec=codec,
-                     options=tuple(option) if option else None, timeout_s=timeout)
+        answer = ask(
+            settings,
+            stream_id,
+            question,
+            image=payload,
+            image_codec=codec,
+            options=tuple(option) if option else None,
+            timeout_s=timeout,
+        )
     except SchemaError as err:  # the question itself is invalid (blank, too long, a bad image)
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(INVALID_INPUT_EXIT) from err
@@ -259,5 +287,7 @@ def answers_command(
         stream = checked_id(stream, "--stream")
     overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir else {}
     settings = Settings(**overrides)
-    for answer in follow_answers(settings, stream_id=stream, from_beginning=not new, idle_timeout_s=idle_timeout):
+    for answer in follow_answers(
+        settings, stream_id=stream, from_beginning=not new, idle_timeout_s=idle_timeout
+    ):
         typer.echo(_as_json(answer) if as_json else f"[{answer.stream_id}] {format_answer(answer)}")

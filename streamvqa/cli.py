@@ -16,11 +16,13 @@ from streamvqa.infra.local.process import StackError
 from streamvqa.settings import Settings
 
 app = typer.Typer(help="streamvqa: streaming video question answering.", no_args_is_help=True)
-services = typer.Typer(help="The embedded local stack: Tansu (Kafka protocol) + SeaweedFS (S3).",
-                       no_args_is_help=True)
+services = typer.Typer(
+    help="The embedded local stack: Tansu (Kafka protocol) + SeaweedFS (S3).", no_args_is_help=True
+)
 app.add_typer(services, name="services")
-run_app = typer.Typer(help="Run a Beam pipeline (FnApiRunner locally; runner settings for a cluster).",
-                      no_args_is_help=True)
+run_app = typer.Typer(
+    help="Run a Beam pipeline (FnApiRunner locally; runner settings for a cluster).", no_args_is_help=True
+)
 app.add_typer(run_app, name="run")
 
 from streamvqa.ask import answers_command, ask_command  # noqa: E402
@@ -70,8 +72,10 @@ def services_up(
             state = LocalStack(settings).up(broker_storage=storage)
     except StackError as err:
         raise _fail(err) from err
-    console.print(f"[green]up[/]: Kafka {state.bootstrap_servers} ({state.broker_storage}://), "
-                  f"S3 http://{state.s3_endpoint} (credentials in {settings.stack_dir / 'seaweedfs'})")
+    console.print(
+        f"[green]up[/]: Kafka {state.bootstrap_servers} ({state.broker_storage}://), "
+        f"S3 http://{state.s3_endpoint} (credentials in {settings.stack_dir / 'seaweedfs'})"
+    )
 
 
 @services.command("down")
@@ -110,15 +114,23 @@ def demo(
     scene_seconds: Annotated[float, typer.Option(min=5, help="Seconds of each of the three scenes.")] = 15.0,
     fps: Annotated[float, typer.Option(min=0.2, max=10, help="Frames per second of the demo stream.")] = 2.0,
     keep_stack: Annotated[bool, typer.Option(help="Leave a stack the demo started running.")] = False,
-    report_dir: Annotated[Path | None, typer.Option(help="Where to write the report (default: DATA/demo/report).")]
-    = None,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Where to write the report (default: DATA/demo/report).")
+    ] = None,
 ) -> None:
     """The main job on the embedded default: stream a demo, ask questions, print answers, write a report."""
     from streamvqa.demo import DemoError, run_demo
 
     try:
-        result = run_demo(_settings(data_dir), speed=speed, scene_s=scene_seconds, fps=fps, keep_stack=keep_stack,
-                          report_dir=report_dir, console=console)
+        result = run_demo(
+            _settings(data_dir),
+            speed=speed,
+            scene_s=scene_seconds,
+            fps=fps,
+            keep_stack=keep_stack,
+            report_dir=report_dir,
+            console=console,
+        )
     except (StackError, FileNotFoundError, DemoError) as err:
         raise _fail(err) from err
     console.log(f"demo {'[green]ok[/]' if result.ok else '[red]incomplete[/]'} in {result.elapsed_s:.0f} s")
@@ -134,23 +146,36 @@ def run_passthrough(
     data_dir: DataDir = None,
     commit_every: Annotated[int, typer.Option(min=1)] = 1000,
     commit_interval: Annotated[float, typer.Option(min=0.01)] = 1.0,
-    bounded: Annotated[bool, typer.Option(
-        help="End each partition at an end-of-stream marker (tests, benches). Without it the job runs "
-             "until stopped and a marker is dead-lettered.")] = False,
+    bounded: Annotated[
+        bool,
+        typer.Option(
+            help="End each partition at an end-of-stream marker (tests, benches). Without it the job runs "
+            "until stopped and a marker is dead-lettered."
+        ),
+    ] = False,
 ) -> None:
     """Frames from one topic to another, exactly once, duplicates dropped, bad input dead-lettered."""
     from streamvqa.pipelines import passthrough
 
     try:
-        passthrough.run(_settings(data_dir), input_topic, output_topic, group,
-                        commit_every=commit_every, commit_interval_s=commit_interval, bounded=bounded)
+        passthrough.run(
+            _settings(data_dir),
+            input_topic,
+            output_topic,
+            group,
+            commit_every=commit_every,
+            commit_interval_s=commit_interval,
+            bounded=bounded,
+        )
     except StackError as err:
         raise _fail(err) from err
 
 
 @run_app.command("pipeline")
 def run_pipeline(
-    group: Annotated[str, typer.Option(help="Consumer group / application id (names the state).")] = "streamvqa",
+    group: Annotated[
+        str, typer.Option(help="Consumer group / application id (names the state).")
+    ] = "streamvqa",
     data_dir: DataDir = None,
     restart: Annotated[bool, typer.Option(help="Run again after a failure (outages), with backoff.")] = True,
 ) -> None:
@@ -161,8 +186,10 @@ def run_pipeline(
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(data_dir)
-    console.log(f"pipeline {group}: {', '.join(graph.input_topics(settings))} -> {settings.topics.answers} "
-                f"on {settings.runner.name}")
+    console.log(
+        f"pipeline {group}: {', '.join(graph.input_topics(settings))} -> {settings.topics.answers} "
+        f"on {settings.runner.name}"
+    )
     try:
         graph.run_supervised(settings, group) if restart else graph.run(settings, group)
     except (StackError, graph.SourcesEnded) as err:

@@ -87,7 +87,10 @@ def start_pipeline(settings: Settings, log_path: Path, group: str = DEMO_GROUP) 
     log = log_path.open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "streamvqa.cli", "run", "pipeline", "--group", group],
-        env=_pipeline_env(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=_pipeline_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -122,8 +125,11 @@ def read_partition_of(settings: Settings, endpoints, topic: str, key: bytes, all
     producer = connect.producer(settings, endpoints)
     consumer = connect.consumer(settings, endpoints, group_id=None)
     try:
-        parts = (sorted(producer.partitions_for(topic)) if all_partitions
-                 else [partition_for(producer, topic, key)])
+        parts = (
+            sorted(producer.partitions_for(topic))
+            if all_partitions
+            else [partition_for(producer, topic, key)]
+        )
         out = []
         for p in parts:
             tp = TopicPartition(topic, p)
@@ -173,16 +179,19 @@ def run_demo(
         with console.status("making the demo stream from packaged media"):
             media = build_demo_media(demo_dir / "media", scene_s=scene_s, fps=fps)
         result.media = media
-        console.log(f"[bold]demo stream[/] {result.stream_id}: {len(media.scenes)} scenes "
-                    f"({', '.join(s[0] for s in media.scenes)}), {media.duration_s:.0f} s at {fps:g} fps, "
-                    f"{len(media.utterances)} utterances, {len(media.questions)} questions")
+        console.log(
+            f"[bold]demo stream[/] {result.stream_id}: {len(media.scenes)} scenes "
+            f"({', '.join(s[0] for s in media.scenes)}), {media.duration_s:.0f} s at {fps:g} fps, "
+            f"{len(media.utterances)} utterances, {len(media.questions)} questions"
+        )
 
         pipeline = start_pipeline(settings, demo_dir / "pipeline.log")
         console.log(f"[bold]pipeline[/] started (pid {pipeline.pid}, log {demo_dir / 'pipeline.log'})")
 
         epoch_ms = time.time_ns() // 1_000_000 + 500
-        options = ProduceOptions(stream_id=result.stream_id, image_fps=fps, audio_path=media.audio_path,
-                                 speed=speed, resume=False)
+        options = ProduceOptions(
+            stream_id=result.stream_id, image_fps=fps, audio_path=media.audio_path, speed=speed, resume=False
+        )
         producer_error: list[BaseException] = []
 
         def run_producer() -> None:
@@ -198,8 +207,15 @@ def run_demo(
 
         kafka = connect.producer(settings, endpoints)
         first = sorted(media.frames_dir.glob("*.jpg"))[0].read_bytes()
-        sample = Frame(stream_id=result.stream_id, seq=10**9, pts_us=0, codec="jpeg", width=320, height=240,
-                       payload=first)
+        sample = Frame(
+            stream_id=result.stream_id,
+            seq=10**9,
+            pts_us=0,
+            codec="jpeg",
+            width=320,
+            height=240,
+            payload=first,
+        )
         pending = sorted(range(len(media.questions)), key=lambda i: media.questions[i].at_s)
         injected_at = 5.0
         asked: dict[str, int] = {}
@@ -211,7 +227,9 @@ def run_demo(
             if result.injected == 0 and played >= injected_at:
                 kinds = []
                 for what, value in bad_messages(result.stream_id, sample):
-                    kafka.send(settings.topics.frames, key=result.stream_id.encode(), value=value).get(timeout=30)
+                    kafka.send(settings.topics.frames, key=result.stream_id.encode(), value=value).get(
+                        timeout=30
+                    )
                     result.injected += 1
                     kinds.append(what)
                 console.log(f"[bold]bad input[/] into the frames topic: {'; '.join(kinds)}")
@@ -219,9 +237,14 @@ def run_demo(
                 i = pending.pop(0)
                 q = media.questions[i]
                 image = media.images.get(i)
-                query = make_query(result.stream_id, q.text, image=image, image_codec="jpeg" if image else None,
-                                   asked_at_us=epoch_ms * 1000 + int(q.at_s * 1e6),
-                                   query_id=f"{result.stream_id}-q{i + 1}")
+                query = make_query(
+                    result.stream_id,
+                    q.text,
+                    image=image,
+                    image_codec="jpeg" if image else None,
+                    asked_at_us=epoch_ms * 1000 + int(q.at_s * 1e6),
+                    query_id=f"{result.stream_id}-q{i + 1}",
+                )
                 publish_query(settings, kafka, query)
                 asked[query.query_id] = i
                 console.log(f"[bold]Q{i + 1}[/] at {q.at_s:.0f} s: {q.text}" + (" [image]" if image else ""))
@@ -237,7 +260,9 @@ def run_demo(
             if producer_error:
                 raise DemoError(f"the producer failed: {producer_error[0]}") from producer_error[0]
             if pipeline.poll() is not None:
-                raise DemoError(f"the pipeline exited ({pipeline.returncode}); see {demo_dir / 'pipeline.log'}")
+                raise DemoError(
+                    f"the pipeline exited ({pipeline.returncode}); see {demo_dir / 'pipeline.log'}"
+                )
             if not pending and len(result.answers) == len(media.questions):
                 break
             time.sleep(0.1)
@@ -245,7 +270,9 @@ def run_demo(
         feeder.join(timeout=5)
         kafka.close()
         if len(result.answers) < len(media.questions):
-            console.log(f"[red]only {len(result.answers)} of {len(media.questions)} questions answered in time[/]")
+            console.log(
+                f"[red]only {len(result.answers)} of {len(media.questions)} questions answered in time[/]"
+            )
         time.sleep(2.0)  # the pipeline's last commit (dead letters are flushed with it)
         data = _report_data(settings, endpoints, result)
         result.frames_noted = len(data.frames)
@@ -278,8 +305,13 @@ class _AnswerCollector(threading.Thread):
     def run(self) -> None:
         from streamvqa.ask import follow_answers
 
-        for answer in follow_answers(self.settings, stream_id=self.stream_id, from_beginning=True,
-                                     idle_timeout_s=None, stop=self._stop_event):
+        for answer in follow_answers(
+            self.settings,
+            stream_id=self.stream_id,
+            from_beginning=True,
+            idle_timeout_s=None,
+            stop=self._stop_event,
+        ):
             with self._lock:
                 self._items.append(answer)
 
@@ -297,7 +329,9 @@ def _answer_panel(i: int, answer: Answer, hit: bool | None) -> str:
     evidence = ", ".join(f"{e.start_us / 1e6:.1f}-{e.end_us / 1e6:.1f} s" for e in answer.evidence) or "none"
     latency = " ".join(f"{s.stage} {s.ms:.0f}" for s in answer.latency)
     mark = {True: "[green]evidence in the right place[/]", False: "[red]evidence elsewhere[/]", None: ""}[hit]
-    return f"  [bold]A{i + 1}[/]: {answer.text}\n      evidence {evidence} {mark}\n      latency ms: {latency}"
+    return (
+        f"  [bold]A{i + 1}[/]: {answer.text}\n      evidence {evidence} {mark}\n      latency ms: {latency}"
+    )
 
 
 def _print_summary(console: Console, result: DemoResult) -> None:
@@ -308,15 +342,20 @@ def _print_summary(console: Console, result: DemoResult) -> None:
         a = result.answers.get(i)
         total = next((s.ms for s in a.latency if s.stage == "total"), 0.0) if a else 0.0
         table.add_row(
-            f"Q{i + 1}", f"{q.at_s:.0f} s", q.text + (" [image]" if q.image_from else ""),
+            f"Q{i + 1}",
+            f"{q.at_s:.0f} s",
+            q.text + (" [image]" if q.image_from else ""),
             a.text if a else "[red]no answer[/]",
             ", ".join(f"{e.start_us / 1e6:.1f}-{e.end_us / 1e6:.1f}" for e in a.evidence[:3]) if a else "",
-            {True: "yes", False: "no", None: "-"}[result.hit(i)], f"{total:.0f}",
+            {True: "yes", False: "no", None: "-"}[result.hit(i)],
+            f"{total:.0f}",
         )
     console.print(table)
     reasons = ", ".join(sorted({d.reason for d in result.dead_letters})) or "none"
-    console.log(f"[bold]dead letters[/]: {len(result.dead_letters)} of {result.injected} injected ({reasons}); "
-                f"{result.frames_noted} frames noted; the stream went on")
+    console.log(
+        f"[bold]dead letters[/]: {len(result.dead_letters)} of {result.injected} injected ({reasons}); "
+        f"{result.frames_noted} frames noted; the stream went on"
+    )
 
 
 def _report_data(settings: Settings, endpoints, result: DemoResult):
@@ -345,7 +384,9 @@ def _report_data(settings: Settings, endpoints, result: DemoResult):
         elif isinstance(item, SpeechNote) and item.text:
             speech.append(item)
     letters = []
-    for message in read_partition_of(settings, endpoints, settings.topics.dead_letter, key, all_partitions=True):
+    for message in read_partition_of(
+        settings, endpoints, settings.topics.dead_letter, key, all_partitions=True
+    ):
         try:
             letter = decode(message.value, DeadLetter)
         except SchemaError:
@@ -365,28 +406,48 @@ def _report_data(settings: Settings, endpoints, result: DemoResult):
     questions = []
     for i, q in enumerate(media.questions):
         a = result.answers.get(i)
-        questions.append(QuestionPoint(
-            query_id=f"Q{i + 1}", text=q.text, asked_at_us=int(q.at_s * 1e6), has_image=q.image_from is not None,
-            answer=a.text if a else "(no answer)",
-            evidence=tuple(EvidencePoint(e.start_us, e.end_us, e.score) for e in a.evidence) if a else (),
-            latency=tuple((s.stage, s.ms) for s in a.latency if s.stage != "total") if a else (),
-            expected=(int(q.expect[0] * 1e6), int(q.expect[1] * 1e6)), image_jpeg=media.images.get(i),
-        ))
+        questions.append(
+            QuestionPoint(
+                query_id=f"Q{i + 1}",
+                text=q.text,
+                asked_at_us=int(q.at_s * 1e6),
+                has_image=q.image_from is not None,
+                answer=a.text if a else "(no answer)",
+                evidence=tuple(EvidencePoint(e.start_us, e.end_us, e.score) for e in a.evidence) if a else (),
+                latency=tuple((s.stage, s.ms) for s in a.latency if s.stage != "total") if a else (),
+                expected=(int(q.expect[0] * 1e6), int(q.expect[1] * 1e6)),
+                image_jpeg=media.images.get(i),
+            )
+        )
     dim = len(frames[0].feature) if frames else 384
     summary = {
         "stream": f"{result.stream_id}: {media.duration_s:.0f} s, {len(frames)} frames noted, "
-                  f"{sum(1 for f in frames if f.tier == 'clear')} clear",
+        f"{sum(1 for f in frames if f.tier == 'clear')} clear",
         "speech": f"{len(speech)} utterances transcribed",
         "questions": f"{len(result.answers)} of {len(media.questions)} answered, "
-                     f"{sum(1 for i in range(len(media.questions)) if result.hit(i))} with evidence in the right place",
+        f"{sum(1 for i in range(len(media.questions)) if result.hit(i))} with evidence in the right place",
         "dead letters": f"{len(letters)} of {result.injected} bad messages injected "
-                        f"({', '.join(sorted({d.reason for d in letters})) or 'none'})",
+        f"({', '.join(sorted({d.reason for d in letters})) or 'none'})",
         "STC cache": f"{sum(f.cached_fraction for f in frames) / max(len(frames), 1):.0%} of ViT work reused",
     }
     return ReportData(
         stream_id=result.stream_id,
-        frames=tuple(FramePoint(f.seq, f.pts_us, f.tier, f.reason, f.score, f.threshold, f.tokens, f.memory_tokens,
-                                f.cached_fraction, f.encode_ms, f.keyframe_key) for f in frames),
+        frames=tuple(
+            FramePoint(
+                f.seq,
+                f.pts_us,
+                f.tier,
+                f.reason,
+                f.score,
+                f.threshold,
+                f.tokens,
+                f.memory_tokens,
+                f.cached_fraction,
+                f.encode_ms,
+                f.keyframe_key,
+            )
+            for f in frames
+        ),
         speech=tuple(SpeechSpan(s.start_us, s.end_us, s.text) for s in speech),
         questions=tuple(questions),
         scenes=tuple(Scene(name, int(a * 1e6), int(b * 1e6)) for name, a, b in media.scenes),

@@ -56,27 +56,43 @@ class DemoMedia:
     duration_s: float
 
 
-SCENES = (DemoScene("bikes", "bikes.mp4"), DemoScene("carphone", "carphone_pristine.mp4"),
-          DemoScene("bunny", "bigbuckbunny.mp4"))
+SCENES = (
+    DemoScene("bikes", "bikes.mp4"),
+    DemoScene("carphone", "carphone_pristine.mp4"),
+    DemoScene("bunny", "bigbuckbunny.mp4"),
+)
 UTTERANCES = (
     Utterance("beckett.wav", 1.0, "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."),
     Utterance("clone-test.wav", 17.0, "I do. I think that America do it very well."),
-    Utterance("two_cities.wav", 31.0, "It was the best of times, it was the worst of times, it was the age of wisdom, "
-              "it was the age of foolishness", seconds=12.5),
+    Utterance(
+        "two_cities.wav",
+        31.0,
+        "It was the best of times, it was the worst of times, it was the age of wisdom, "
+        "it was the age of foolishness",
+        seconds=12.5,
+    ),
 )
 QUESTIONS = (
-    DemoQuestion(12.0, "What did the speaker say to do after failing?", (1.0, 11.0), keywords=("try", "fail")),
+    DemoQuestion(
+        12.0, "What did the speaker say to do after failing?", (1.0, 11.0), keywords=("try", "fail")
+    ),
     DemoQuestion(27.0, "Which country did the speaker mention?", (17.0, 21.5), keywords=("america",)),
     DemoQuestion(43.0, "When did this appear?", (0.0, 15.0), image_from=("bikes", 0.55)),
-    DemoQuestion(44.0, "What was it the age of, according to the speaker?", (31.0, 44.0),
-                 keywords=("wisdom", "foolishness")),
+    DemoQuestion(
+        44.0,
+        "What was it the age of, according to the speaker?",
+        (31.0, 44.0),
+        keywords=("wisdom", "foolishness"),
+    ),
 )
 
 
 def voice_asset(name: str) -> Path:
     spec = importlib.util.find_spec("moonshine_voice")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("speech recordings come from the moonshine-voice wheel: pip install 'streamvqa[models]'")
+        raise FileNotFoundError(
+            "speech recordings come from the moonshine-voice wheel: pip install 'streamvqa[models]'"
+        )
     path = Path(spec.submodule_search_locations[0]) / "assets" / name
     if not path.is_file():
         raise FileNotFoundError(f"no recording {name!r} at {path}")
@@ -157,4 +173,6 @@ def build_demo_media(
         said.append((u.start_s, u.start_s + len(clip) / RATE, u.text))
     audio_path = out_dir / "speech.wav"
     write_wav(audio_path, audio)
-    return DemoMedia(frames_dir, audio_path, fps, tuple(spans), tuple(said), tuple(questions), images, duration)
+    return DemoMedia(
+        frames_dir, audio_path, fps, tuple(spans), tuple(said), tuple(questions), images, duration
+    )

@@ -389,9 +389,13 @@ def _source_events(source: str, options: ProduceOptions) -> Iterator[Any]:
     else:
         if not is_live(source) and not path.exists():
             raise ProduceError(f"no such file or folder: {source}")
-        events = _container_events(source, options, video=True, audio=options.audio and options.audio_path is None)
+        events = _container_events(
+            source, options, video=True, audio=options.audio and options.audio_path is None
+        )
     if options.audio_path is not None and options.audio:
-        events = heapq.merge(events, _file_audio_events(Path(options.audio_path), options), key=lambda e: e.pts_us)
+        events = heapq.merge(
+            events, _file_audio_events(Path(options.audio_path), options), key=lambda e: e.pts_us
+        )
     yield from events
 
 

@@ -230,7 +230,9 @@ class PipelineSettings(BaseModel):
     kv_host_bytes: int = Field(default=256 << 20, ge=0)
     keyframes: bool = True  # clear frames' JPEGs to the object store
     speech: bool = True  # VAD + ASR on the audio topic
-    audio_progress_s: float = Field(default=1.0, gt=0)  # progress marks (the audio watermark) at least this often
+    audio_progress_s: float = Field(
+        default=1.0, gt=0
+    )  # progress marks (the audio watermark) at least this often
     hold_timeout_s: float = Field(default=10.0, ge=0)  # a question waits at most this for its sources
     image_match_threshold: float = Field(default=0.6, ge=-1, le=1)
     heartbeat_s: float = Field(default=0.5, gt=0)
@@ -244,7 +246,9 @@ class PipelineSettings(BaseModel):
     def call_policy(self):
         from streamvqa.operators.model_guard import CallPolicy
 
-        return CallPolicy(timeout_s=self.model_timeout_s, attempts=self.model_attempts, backoff_s=self.model_backoff_s)
+        return CallPolicy(
+            timeout_s=self.model_timeout_s, attempts=self.model_attempts, backoff_s=self.model_backoff_s
+        )
 
 
 class Settings(BaseSettings):

@@ -28,9 +28,11 @@ if os.environ.get("CI"):
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--torch-threads", type=int, default=None,
+        "--torch-threads",
+        type=int,
+        default=None,
         help="torch intra-op threads for this run (and OMP_NUM_THREADS for the processes it starts); "
-             "make test runs the numerics tests again with 1",
+        "make test runs the numerics tests again with 1",
     )
 
 

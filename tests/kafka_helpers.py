@@ -43,8 +43,17 @@ def private_topics(settings, prefix: str):
 
 def frame_bytes(stream_id: str, seq: int, size: int = 64) -> bytes:
     payload = b"\xff\xd8" + os.urandom(max(0, size - 4)) + b"\xff\xd9"
-    return encode(Frame(stream_id=stream_id, seq=seq, pts_us=seq * 40_000, codec="jpeg",
-                        width=16, height=16, payload=payload))
+    return encode(
+        Frame(
+            stream_id=stream_id,
+            seq=seq,
+            pts_us=seq * 40_000,
+            codec="jpeg",
+            width=16,
+            height=16,
+            payload=payload,
+        )
+    )
 
 
 def send_end_of_stream(producer, topic: str, partitions: int = 3) -> None:
@@ -60,8 +69,9 @@ def read_all(settings, endpoints, topic: str, timeout_ms: int = 3000) -> list:
         consumer.close()
 
 
-def partition_task(settings, endpoints, topic: str, outputs: list[str], group: str, processor, *,
-                   max_failures: int = 3):
+def partition_task(
+    settings, endpoints, topic: str, outputs: list[str], group: str, processor, *, max_failures: int = 3
+):
     """(PartitionTask over partition 0 of ``topic``, its producer): committing after every record,
     its ledger recovered from ``outputs`` and the dead-letter topic. Close the producer after."""
     from kafka import KafkaConsumer
@@ -73,9 +83,22 @@ def partition_task(settings, endpoints, topic: str, outputs: list[str], group: s
     store = connect.object_store(settings, endpoints)
     producer = OutputProducer(connect.producer(settings, endpoints))
     committer = OffsetCommitter(KafkaConsumer(**connect.kafka_config(settings, endpoints), group_id=group))
-    task = PartitionTask(topic, 0, processor, SnapshotStore(store, snapshot_namespace(group, processor.name)), store,
-                         group, producer, committer, settings.topics.dead_letter, commit_every=1,
-                         commit_interval_s=1e9, max_failures=max_failures)
-    task.recover_ledger(lambda: connect.consumer(settings, endpoints, group_id=None, fetch_max_wait_ms=20),
-                        [*outputs, settings.topics.dead_letter])
+    task = PartitionTask(
+        topic,
+        0,
+        processor,
+        SnapshotStore(store, snapshot_namespace(group, processor.name)),
+        store,
+        group,
+        producer,
+        committer,
+        settings.topics.dead_letter,
+        commit_every=1,
+        commit_interval_s=1e9,
+        max_failures=max_failures,
+    )
+    task.recover_ledger(
+        lambda: connect.consumer(settings, endpoints, group_id=None, fetch_max_wait_ms=20),
+        [*outputs, settings.topics.dead_letter],
+    )
     return task, producer

@@ -42,7 +42,9 @@ def raw(record, **changes) -> bytes:
     row = {k: list(v) if isinstance(v, tuple) else v for k, v in row.items()}
     schema = cls.SCHEMA
     if "schema_version" in changes:
-        schema = schema.with_metadata({**schema.metadata, b"streamvqa.version": str(changes["schema_version"]).encode()})
+        schema = schema.with_metadata(
+            {**schema.metadata, b"streamvqa.version": str(changes["schema_version"]).encode()}
+        )
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, schema) as writer:
         writer.write_batch(pa.RecordBatch.from_pylist([row], schema=schema))
@@ -65,8 +67,15 @@ def _jpeg(seed: int, size=(64, 48)) -> bytes:
 
 
 GOOD_FRAME = Frame(stream_id=SID, seq=0, pts_us=0, codec="jpeg", width=64, height=48, payload=_jpeg(0))
-GOOD_AUDIO = AudioChunk(stream_id=SID, seq=0, pts_us=0, sample_rate=16_000, channels=1, sample_format="f32le",
-                        payload=np.zeros(16_000, "<f4").tobytes())
+GOOD_AUDIO = AudioChunk(
+    stream_id=SID,
+    seq=0,
+    pts_us=0,
+    sample_rate=16_000,
+    channels=1,
+    sample_format="f32le",
+    payload=np.zeros(16_000, "<f4").tobytes(),
+)
 GOOD_QUERY = Query(query_id="q-1", stream_id=SID, text="What happened?", asked_at_us=1)
 
 
@@ -83,15 +92,27 @@ def corpus() -> dict[str, list[tuple]]:
             ("truncated message", whole[: len(whole) // 2], "truncated"),
             ("not Arrow", b"\x00\x01garbage" * 10, "malformed"),
             ("truncated JPEG", raw(GOOD_FRAME, payload=jpeg[: len(jpeg) // 2]), "invalid_field"),
-            ("corrupt JPEG", raw(GOOD_FRAME, payload=b"\xff\xd8" + bytes(200) + b"\xff\xd9"), "invalid_field"),
+            (
+                "corrupt JPEG",
+                raw(GOOD_FRAME, payload=b"\xff\xd8" + bytes(200) + b"\xff\xd9"),
+                "invalid_field",
+            ),
             ("wrong schema version", raw(GOOD_FRAME, schema_version=2), "wrong_version"),
             ("absurd dimensions", raw(GOOD_FRAME, width=100_000, height=1), "invalid_field"),
             ("size not the JPEG's", raw(GOOD_FRAME, width=640, height=480), "invalid_field"),
-            ("oversized payload", raw(GOOD_FRAME, payload=b"\xff\xd8" + bytes(17 << 20) + b"\xff\xd9"), "oversized"),
+            (
+                "oversized payload",
+                raw(GOOD_FRAME, payload=b"\xff\xd8" + bytes(17 << 20) + b"\xff\xd9"),
+                "oversized",
+            ),
             ("rgb24 of the wrong length", raw(GOOD_FRAME, codec="rgb24", payload=bytes(10)), "invalid_field"),
             ("negative seq", raw(GOOD_FRAME, seq=-5), "invalid_field"),
             ("an audio chunk on the frames topic", encode(GOOD_AUDIO), "wrong_type"),
-            ("key of another stream", encode(dataclasses.replace(GOOD_FRAME, stream_id="other")), "invalid_field"),
+            (
+                "key of another stream",
+                encode(dataclasses.replace(GOOD_FRAME, stream_id="other")),
+                "invalid_field",
+            ),
             ("pts at the end of int64", raw(GOOD_FRAME, pts_us=2**63 - 1), "invalid_field", "pts_us"),
         ],
         "audio": [
@@ -109,33 +130,83 @@ def corpus() -> dict[str, list[tuple]]:
             ("empty question", raw(GOOD_QUERY, text=""), "invalid_field"),
             ("blank question", raw(GOOD_QUERY, text="   \n"), "invalid_field"),
             ("huge question", raw(GOOD_QUERY, text="why " * 5000), "invalid_field"),
-            ("image that does not decode", raw(GOOD_QUERY, image=b"\xff\xd8xx\xff\xd9", image_codec="jpeg"),
-             "invalid_field"),
+            (
+                "image that does not decode",
+                raw(GOOD_QUERY, image=b"\xff\xd8xx\xff\xd9", image_codec="jpeg"),
+                "invalid_field",
+            ),
             ("image without codec", raw(GOOD_QUERY, image=_jpeg(1), image_codec=None), "invalid_field"),
             ("bad query id", raw(GOOD_QUERY, query_id="../../etc"), "invalid_field"),
             ("asked at before 1970", raw(GOOD_QUERY, asked_at_us=-1), "invalid_field"),
             ("asked at int64's end", raw(GOOD_QUERY, asked_at_us=2**63 - 1), "invalid_field", "asked_at_us"),
             ("wrong schema version", raw(GOOD_QUERY, schema_version=3), "wrong_version"),
             ("a frame on the queries topic", encode(GOOD_FRAME), "wrong_type"),
-            ("about another stream than its key", encode(dataclasses.replace(GOOD_QUERY, stream_id="victim")),
-             "invalid_field"),
+            (
+                "about another stream than its key",
+                encode(dataclasses.replace(GOOD_QUERY, stream_id="victim")),
+                "invalid_field",
+            ),
         ],
         "memory": [
             ("a frame on the memory topic", encode(GOOD_FRAME), "wrong_type"),
             # a record without a stream id: refused at once, not an AttributeError retried as a failure
-            ("a dead letter on the memory topic", encode(make_dead_letter(
-                SchemaError("x"), source_topic="t", source_partition=0, source_offset=0, payload=b"x",
-                key=SID.encode())), "wrong_type"),
-            ("a note of another stream", encode(SpeechNote(stream_id="victim", seq=0, start_us=0, end_us=1, wall_us=1,
-                                                          text="secret")), "wrong_type"),
-            ("note with NaN feature", raw(VisualNote(stream_id=SID, seq=0, pts_us=0, wall_us=1, tier="clear",
-                                                     reason="first", tokens=1, memory_tokens=1, cached_fraction=0.0,
-                                                     feature=(0.0,), keyframe_key="", content_hash="ab",
-                                                     encode_ms=0.0), feature=[float("nan")]), "invalid_field"),
-            ("a transcript claiming open speech", raw(SpeechNote(stream_id=SID, seq=0, start_us=0, end_us=2, wall_us=1,
-                                                                text="hi"), open_since_us=1), "invalid_field"),
-            ("a mark open after its end", raw(SpeechNote(stream_id=SID, seq=0, start_us=0, end_us=2, wall_us=1,
-                                                         text=""), open_since_us=3), "invalid_field"),
+            (
+                "a dead letter on the memory topic",
+                encode(
+                    make_dead_letter(
+                        SchemaError("x"),
+                        source_topic="t",
+                        source_partition=0,
+                        source_offset=0,
+                        payload=b"x",
+                        key=SID.encode(),
+                    )
+                ),
+                "wrong_type",
+            ),
+            (
+                "a note of another stream",
+                encode(SpeechNote(stream_id="victim", seq=0, start_us=0, end_us=1, wall_us=1, text="secret")),
+                "wrong_type",
+            ),
+            (
+                "note with NaN feature",
+                raw(
+                    VisualNote(
+                        stream_id=SID,
+                        seq=0,
+                        pts_us=0,
+                        wall_us=1,
+                        tier="clear",
+                        reason="first",
+                        tokens=1,
+                        memory_tokens=1,
+                        cached_fraction=0.0,
+                        feature=(0.0,),
+                        keyframe_key="",
+                        content_hash="ab",
+                        encode_ms=0.0,
+                    ),
+                    feature=[float("nan")],
+                ),
+                "invalid_field",
+            ),
+            (
+                "a transcript claiming open speech",
+                raw(
+                    SpeechNote(stream_id=SID, seq=0, start_us=0, end_us=2, wall_us=1, text="hi"),
+                    open_since_us=1,
+                ),
+                "invalid_field",
+            ),
+            (
+                "a mark open after its end",
+                raw(
+                    SpeechNote(stream_id=SID, seq=0, start_us=0, end_us=2, wall_us=1, text=""),
+                    open_since_us=3,
+                ),
+                "invalid_field",
+            ),
             ("not Arrow", b"\xff" * 64, "malformed"),
         ],
     }
@@ -193,7 +264,10 @@ def test_fuzz_random_and_mutated_messages(stages) -> None:
     seeds = {
         "frames": [encode(dataclasses.replace(GOOD_FRAME, seq=i + 1, payload=_jpeg(i))) for i in range(4)],
         "audio": [encode(dataclasses.replace(GOOD_AUDIO, seq=i + 1)) for i in range(4)],
-        "queries": [encode(GOOD_QUERY), encode(dataclasses.replace(GOOD_QUERY, image=_jpeg(3), image_codec="jpeg"))],
+        "queries": [
+            encode(GOOD_QUERY),
+            encode(dataclasses.replace(GOOD_QUERY, image=_jpeg(3), image_codec="jpeg")),
+        ],
         "memory": [encode(speech)],
     }
     counts = {"frames": 400, "audio": 600, "queries": 1000, "memory": 1000}
@@ -201,7 +275,9 @@ def test_fuzz_random_and_mutated_messages(stages) -> None:
     for topic, n in counts.items():
         stage, state = stages[topic], stages[topic].initial_state(SID)
         for i in range(n):
-            value = rng.randbytes(rng.randint(0, 300)) if i % 5 == 0 else _mutate(rng, rng.choice(seeds[topic]))
+            value = (
+                rng.randbytes(rng.randint(0, 300)) if i % 5 == 0 else _mutate(rng, rng.choice(seeds[topic]))
+            )
             try:
                 state, _ = stage.process(state, rec(topic, value, i))
                 accepted += 1
@@ -209,10 +285,12 @@ def test_fuzz_random_and_mutated_messages(stages) -> None:
                 assert err.reason and str(err)
                 refused += 1
         # the stage still works on good input afterwards
-        good = {"frames": encode(dataclasses.replace(GOOD_FRAME, seq=10**6, payload=_jpeg(99))),
-                "audio": encode(dataclasses.replace(GOOD_AUDIO, seq=10**6, pts_us=10**9)),
-                "queries": encode(dataclasses.replace(GOOD_QUERY, query_id="q-after")),
-                "memory": encode(dataclasses.replace(speech, start_us=10**9, end_us=10**9 + 1))}[topic]
+        good = {
+            "frames": encode(dataclasses.replace(GOOD_FRAME, seq=10**6, payload=_jpeg(99))),
+            "audio": encode(dataclasses.replace(GOOD_AUDIO, seq=10**6, pts_us=10**9)),
+            "queries": encode(dataclasses.replace(GOOD_QUERY, query_id="q-after")),
+            "memory": encode(dataclasses.replace(speech, start_us=10**9, end_us=10**9 + 1)),
+        }[topic]
         stage.process(state, rec(topic, good, n))
     assert refused + accepted == sum(counts.values()) and refused > 0.8 * sum(counts.values())
 

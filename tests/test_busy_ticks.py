@@ -27,17 +27,23 @@ class Ticking(PassThroughProcessor):
 
 def test_a_busy_partition_is_ticked_without_heartbeats(stack_settings, endpoints) -> None:
     topic, out = new_topics(stack_settings, endpoints, "busy-in", "busy-out", partitions=1)
-    config = TaskConfig(kafka=connect.kafka_config(stack_settings, endpoints), s3=endpoints.s3,
-                        bucket=stack_settings.s3.bucket, group=f"g-{topic}", output_topics=(out,),
-                        dead_letter_topic=stack_settings.topics.dead_letter)
+    config = TaskConfig(
+        kafka=connect.kafka_config(stack_settings, endpoints),
+        s3=endpoints.s3,
+        bucket=stack_settings.s3.bucket,
+        group=f"g-{topic}",
+        output_topics=(out,),
+        dead_letter_topic=stack_settings.topics.dead_letter,
+    )
     fn = ExactlyOnceDoFn(config, lambda: Ticking(out))
     fn.setup()
     offset = 0
 
     def batch() -> None:
         nonlocal offset
-        records = tuple(KafkaRecord(topic, 0, offset + i, b"cam-b", frame_bytes("cam-b", offset + i), 0)
-                        for i in range(2))
+        records = tuple(
+            KafkaRecord(topic, 0, offset + i, b"cam-b", frame_bytes("cam-b", offset + i), 0) for i in range(2)
+        )
         fn.process(KafkaBatch(topic, 0, records))
         offset += 2
 

@@ -44,7 +44,9 @@ def by_stream(expected_by_stream: dict):
         for stream_id, item in actual:
             got.setdefault(stream_id, []).append(item)
         for stream_id, items in expected_by_stream.items():
-            assert got.get(stream_id) == items, f"{stream_id}: {len(got.get(stream_id, []))} vs {len(items)} items"
+            assert got.get(stream_id) == items, (
+                f"{stream_id}: {len(got.get(stream_id, []))} vs {len(items)} items"
+            )
         assert set(got) == set(expected_by_stream)
 
     return check
@@ -102,7 +104,9 @@ def test_state_survives_across_bundles_and_a_fresh_dofn_instance() -> None:
         if i == T // 2:  # a restart: new DoFn instance, empty cache, state only from the store
             dofn = CurveStreamDoFn(CONFIG)
             dofn.setup()
-        got += [x for x in dofn.process(("s", frame), state=stored) if not isinstance(x, beam.pvalue.TaggedOutput)]
+        got += [
+            x for x in dofn.process(("s", frame), state=stored) if not isinstance(x, beam.pvalue.TaggedOutput)
+        ]
         op.step(state, frame)
     assert [d for _, d in got] == expected(frames)[0]
     assert stored.value == state.to_bytes()

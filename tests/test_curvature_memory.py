@@ -24,10 +24,13 @@ GRID = (4, 4)  # 16 "patch" tokens per frame keeps payload tests small
 D = 6
 
 
-def memory(budget: int, clear_cap: int, fuzzy: str = "pool:2x2", overflow: str = "evict", keep_tokens: bool = False):
+def memory(
+    budget: int, clear_cap: int, fuzzy: str = "pool:2x2", overflow: str = "evict", keep_tokens: bool = False
+):
     comp = make_compressor(fuzzy)
-    policy = MemoryPolicy(budget=budget, clear_cap=clear_cap, clear_cost=16, fuzzy_cost=comp.n_tokens(GRID),
-                          overflow=overflow)
+    policy = MemoryPolicy(
+        budget=budget, clear_cap=clear_cap, clear_cost=16, fuzzy_cost=comp.n_tokens(GRID), overflow=overflow
+    )
     return HierarchicalMemory(policy, comp, keep_tokens=keep_tokens), MemoryState()
 
 
@@ -42,7 +45,15 @@ def scenarios(draw):
     clear_cap = draw(st.integers(min_value=16, max_value=120))
     budget = draw(st.integers(min_value=clear_cap, max_value=clear_cap + 80))
     tiers = draw(st.lists(st.sampled_from(["clear", "fuzzy"]), min_size=1, max_size=60))
-    return fuzzy, fuzzy_cost, budget, clear_cap, tiers, draw(st.sampled_from(["evict", "merge"])), draw(st.booleans())
+    return (
+        fuzzy,
+        fuzzy_cost,
+        budget,
+        clear_cap,
+        tiers,
+        draw(st.sampled_from(["evict", "merge"])),
+        draw(st.booleans()),
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -55,7 +66,9 @@ def test_budget_never_exceeded_and_events_replay_the_memory(scenario) -> None:
     for seq, tier in enumerate(tiers):
         tokens = rng.standard_normal((16, D)).astype(np.float32) if keep_tokens else None
         before = state.total_tokens
-        charged, evs = mem.admit(state, seq=seq, pts_us=seq * 1000, tier=tier, score=0.0, tokens=tokens, grid=GRID)
+        charged, evs = mem.admit(
+            state, seq=seq, pts_us=seq * 1000, tier=tier, score=0.0, tokens=tokens, grid=GRID
+        )
         check_invariants(state, mem.policy)  # budget, clear cap, bookkeeping, order, payload sizes
         assert evs[-1].kind == "admit" and evs[-1].seq == seq and evs[-1].tokens == charged
         assert state.total_tokens - before == sum(e.delta for e in evs)  # deltas explain every change
@@ -96,7 +109,13 @@ def test_full_memory_evicts_the_oldest_fuzzy() -> None:
     assert [(e.kind, e.seq) for e in events] == [("evict", 1), ("admit", 7)]
     _, events = mem.admit(state, seq=8, pts_us=8, tier="clear", score=1.0)
     # the clear tier has room (16 of 32): room in the total is made from the oldest fuzzy frames
-    assert [(e.kind, e.seq) for e in events] == [("evict", 2), ("evict", 3), ("evict", 4), ("evict", 5), ("admit", 8)]
+    assert [(e.kind, e.seq) for e in events] == [
+        ("evict", 2),
+        ("evict", 3),
+        ("evict", 4),
+        ("evict", 5),
+        ("admit", 8),
+    ]
     check_invariants(state, mem.policy)
 
 
@@ -124,7 +143,13 @@ def test_merge_folds_the_smallest_neighbours_never_the_newest_nor_across_a_clear
     assert [(e.kind, e.seq, e.into) for e in events] == [("merge", 4, 3), ("admit", 7, None)]
     _, events = mem.admit(state, seq=8, pts_us=8, tier="fuzzy", score=0.0)
     assert [(e.kind, e.seq, e.into) for e in events] == [("merge", 6, 5), ("admit", 8, None)]
-    assert [(e.seq, e.last_seq, e.frames) for e in state.fuzzy] == [(0, 1, 2), (3, 4, 2), (5, 6, 2), (7, 7, 1), (8, 8, 1)]
+    assert [(e.seq, e.last_seq, e.frames) for e in state.fuzzy] == [
+        (0, 1, 2),
+        (3, 4, 2),
+        (5, 6, 2),
+        (7, 7, 1),
+        (8, 8, 1),
+    ]
     check_invariants(state, mem.policy)
 
 
@@ -140,7 +165,9 @@ def test_merged_payload_is_the_frame_weighted_mean_for_pooling() -> None:
     assert merge.payload is state.payloads[0]
     # a third frame folded into the 2-frame entry weighs 1/3
     comp = PoolCompressor(2, 2)
-    merged = comp.merge(state.payloads[0], 2, comp.compress(np.full((16, D), 10, np.float32), GRID, np.float32), 1)
+    merged = comp.merge(
+        state.payloads[0], 2, comp.compress(np.full((16, D), 10, np.float32), GRID, np.float32), 1
+    )
     np.testing.assert_allclose(merged.tokens, (2.5 * 2 + 10) / 3)
 
 

@@ -91,8 +91,10 @@ def test_decision_log_is_complete_and_replays_the_memory(overflow: str) -> None:
     assert replay(events) == {e.seq: (e.tier, e.tokens, e.last_seq) for e in state.memory.entries()}
     assert any(e.kind in ("evict", "merge") for e in events) and any(e.kind == "downgrade" for e in events)
     check_invariants(state.memory, op.config.policy())
-    assert state.routed == {"clear": sum(d.tier == "clear" for d in decisions),
-                            "fuzzy": sum(d.tier == "fuzzy" for d in decisions)}
+    assert state.routed == {
+        "clear": sum(d.tier == "clear" for d in decisions),
+        "fuzzy": sum(d.tier == "fuzzy" for d in decisions),
+    }
     d = decisions[10].to_dict()
     assert set(d) >= {"seq", "pts_us", "score", "threshold", "tier", "tokens", "memory_tokens"}
 
@@ -111,9 +113,13 @@ def _continue_identically(config: CurveStreamConfig, frames: list[FrameInput], s
 
 
 @settings(max_examples=25, deadline=None)
-@given(split=st.integers(min_value=0, max_value=160), score=st.sampled_from(["speed", "speed_turn", "second_diff"]),
-       overflow=st.sampled_from(["evict", "merge"]), window=st.sampled_from([5, 32, None]),
-       clip=st.booleans())
+@given(
+    split=st.integers(min_value=0, max_value=160),
+    score=st.sampled_from(["speed", "speed_turn", "second_diff"]),
+    overflow=st.sampled_from(["evict", "merge"]),
+    window=st.sampled_from([5, 32, None]),
+    clip=st.booleans(),
+)
 def test_snapshot_restore_gives_identical_subsequent_decisions(split, score, overflow, window, clip) -> None:
     config = small_config(score=score, overflow=overflow, window=window, clip_outliers=clip, clear_share=0.5)
     _continue_identically(config, frames_from_features(walk(3)), split)
@@ -125,8 +131,16 @@ def test_snapshot_restore_with_token_payloads() -> None:
     tokens = rng.standard_normal((60, 16, 8)).astype(np.float32)
     frames = [FrameInput(i, i * 500_000, f[i], tokens[i], (4, 4), content_hash=f"h{i}") for i in range(60)]
     for fuzzy, overflow in (("pool:2x2", "merge"), ("prune:3", "evict")):
-        config = CurveStreamConfig(budget_tokens=160, clear_tokens=16, grid=(4, 4), fuzzy=fuzzy, overflow=overflow,
-                                   keep_tokens=True, payload_dtype="float16", clear_share=0.5)
+        config = CurveStreamConfig(
+            budget_tokens=160,
+            clear_tokens=16,
+            grid=(4, 4),
+            fuzzy=fuzzy,
+            overflow=overflow,
+            keep_tokens=True,
+            payload_dtype="float16",
+            clear_share=0.5,
+        )
         _continue_identically(config, frames, 37)
         state, _ = run(CurveStream(config), frames)
         check_invariants(state.memory, config.policy())
@@ -149,7 +163,9 @@ def test_late_and_duplicate_frames_are_skipped_and_gaps_allowed() -> None:
 
 
 def test_a_refused_frame_leaves_the_state_unchanged() -> None:
-    config = CurveStreamConfig(budget_tokens=160, clear_tokens=16, grid=(4, 4), fuzzy="pool:2x2", keep_tokens=True)
+    config = CurveStreamConfig(
+        budget_tokens=160, clear_tokens=16, grid=(4, 4), fuzzy="pool:2x2", keep_tokens=True
+    )
     op = CurveStream(config)
     rng = np.random.default_rng(8)
     feats, tokens = rng.standard_normal((6, 8)), rng.standard_normal((6, 16, 3)).astype(np.float32)
@@ -190,8 +206,12 @@ def test_codec_round_trips_exactly() -> None:
     value = {
         "floats": [0.1, -0.0, math.inf, -math.inf, 1e-300, 2.0**-1074],
         "nan": math.nan,
-        "arrays": [np.arange(6, dtype=np.int64).reshape(2, 3), np.array([0.5, np.nan], np.float16),
-                   np.zeros((0, 4), np.float32), np.array([True, False])],
+        "arrays": [
+            np.arange(6, dtype=np.int64).reshape(2, 3),
+            np.array([0.5, np.nan], np.float16),
+            np.zeros((0, 4), np.float32),
+            np.array([True, False]),
+        ],
         "nested": {"s": "ü", "n": None, "b": True, "t": (1, 2)},
     }
     back = codec.unpack(codec.pack(value))
@@ -228,13 +248,19 @@ def test_real_video_cuts_are_routed_clear() -> None:
         frames = dict(enumerate(f for _, f in decode_frames(sample_video(name), limit=max(indices) + 1)))
         return [frames[i] for i in indices]
 
-    clips = [take("carphone_pristine.mp4", range(0, 72, 12)), take("bigbuckbunny.mp4", range(0, 72, 12)),
-             take("bikes.mp4", range(140, 176, 9)), take("carphone_pristine.mp4", range(72, 120, 12))]
+    clips = [
+        take("carphone_pristine.mp4", range(0, 72, 12)),
+        take("bigbuckbunny.mp4", range(0, 72, 12)),
+        take("bikes.mp4", range(140, 176, 9)),
+        take("carphone_pristine.mp4", range(72, 120, 12)),
+    ]
     frames = [f for clip in clips for f in clip]
     cuts = {6, 12, 16}  # first frame after each change
     features = build_encoder().encode(frames).pooled.numpy()
     scores = curvature_scores(features, "speed")
-    assert set(np.argsort(np.nan_to_num(scores))[-3:].tolist()) == cuts  # the cuts are the three largest jumps
+    assert (
+        set(np.argsort(np.nan_to_num(scores))[-3:].tolist()) == cuts
+    )  # the cuts are the three largest jumps
     op = CurveStream(CurveStreamConfig(budget_tokens=budget_for(len(frames), 0.5)))
     _, outs = run(op, frames_from_features(features))
     clear = {o.decision.seq for o in outs if o.decision.reason == "above"}

@@ -51,8 +51,15 @@ def test_questions_ask_about_the_stream() -> None:
 
 
 def test_injected_bad_messages_are_refused_with_distinct_reasons(media) -> None:
-    sample = Frame(stream_id="s", seq=1, pts_us=0, codec="jpeg", width=320, height=240,
-                   payload=sorted(media.frames_dir.glob("*.jpg"))[0].read_bytes())
+    sample = Frame(
+        stream_id="s",
+        seq=1,
+        pts_us=0,
+        codec="jpeg",
+        width=320,
+        height=240,
+        payload=sorted(media.frames_dir.glob("*.jpg"))[0].read_bytes(),
+    )
     reasons = []
     for _, value in bad_messages("s", sample):
         try:

@@ -25,15 +25,36 @@ from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_s
 
 def _start(settings, topic: str, out: str, group: str, log) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "streamvqa.cli", "run", "passthrough", "--input", topic, "--output", out,
-         "--group", group, "--data-dir", str(settings.data_dir), "--commit-every", "5", "--commit-interval", "0.2"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamvqa.cli",
+            "run",
+            "passthrough",
+            "--input",
+            topic,
+            "--output",
+            out,
+            "--group",
+            group,
+            "--data-dir",
+            str(settings.data_dir),
+            "--commit-every",
+            "5",
+            "--commit-interval",
+            "0.2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
 @pytest.mark.stack
 @pytest.mark.slow
-def test_end_markers_from_a_producer_do_not_stop_the_long_running_job(stack_settings, endpoints, tmp_path) -> None:
+def test_end_markers_from_a_producer_do_not_stop_the_long_running_job(
+    stack_settings, endpoints, tmp_path
+) -> None:
     topic, out = new_topics(stack_settings, endpoints, "eos-in", "eos-out")
     producer = connect.producer(stack_settings, endpoints)
     streams = ("eos-a", "eos-b", "eos-c", "eos-d")
@@ -78,10 +99,15 @@ def test_end_markers_from_a_producer_do_not_stop_the_long_running_job(stack_sett
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(30)
             producer.close()
-    letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)]
+    letters = [
+        decode(m.value, DeadLetter)
+        for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
+    ]
     mine = [letter for letter in letters if letter.source_topic == topic]
     assert len(mine) == 3 and {letter.source_partition for letter in mine} == {0, 1, 2}
-    assert all(letter.reason == "invalid_field" and "end-of-stream marker" in letter.detail for letter in mine), mine
+    assert all(
+        letter.reason == "invalid_field" and "end-of-stream marker" in letter.detail for letter in mine
+    ), mine
 
 
 class _Bounded(beam.PTransform):
@@ -103,5 +129,7 @@ def test_a_main_job_whose_sources_end_fails_and_is_never_a_success(stack_setting
     with pytest.raises(graph.SourcesEnded):
         graph.run_supervised(stack_settings, "g-ends", backoff_s=(0.0, 0.0), attempts=2)
     assert runs == ["g-ends"] * 3  # retried like any failure
-    result = CliRunner().invoke(app, ["run", "pipeline", "--no-restart", "--data-dir", str(stack_settings.data_dir)])
+    result = CliRunner().invoke(
+        app, ["run", "pipeline", "--no-restart", "--data-dir", str(stack_settings.data_dir)]
+    )
     assert result.exit_code == 1 and "sources ended" in result.output, result.output

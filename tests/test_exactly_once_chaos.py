@@ -25,10 +25,29 @@ KILLS = 6
 
 def _start(settings, topic: str, out: str, group: str, log) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "streamvqa.cli", "run", "passthrough", "--input", topic, "--output", out,
-         "--group", group, "--data-dir", str(settings.data_dir), "--commit-every", "50",
-         "--commit-interval", "0.3", "--bounded"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamvqa.cli",
+            "run",
+            "passthrough",
+            "--input",
+            topic,
+            "--output",
+            out,
+            "--group",
+            group,
+            "--data-dir",
+            str(settings.data_dir),
+            "--commit-every",
+            "50",
+            "--commit-interval",
+            "0.3",
+            "--bounded",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 

@@ -17,16 +17,59 @@ def _records() -> list:
     jpeg = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"
     return [
         Frame(stream_id="cam-a", seq=7, pts_us=5, codec="jpeg", width=320, height=240, payload=jpeg),
-        AudioChunk(stream_id="mic.1", seq=2**40, pts_us=123, sample_rate=16000, channels=2, sample_format="s16le",
-                   payload=b"\x00\x01" * 64),
-        DeadLetter(source_topic="t.frames", source_partition=3, source_offset=99, key=None, reason="truncated",
-                   detail="cut short: naïve — ünïcödé ✓", payload_excerpt=b"", payload_size=0, failed_at_us=1),
-        DeadLetter(source_topic="t", source_partition=0, source_offset=0, key=b"k\x00", reason="malformed",
-                   detail="", payload_excerpt=b"\xff", payload_size=1, failed_at_us=2),
-        SpeechNote(stream_id="s", seq=1, start_us=0, end_us=10, wall_us=5, text="hello 世界", avg_logprob=-0.25,
-                   asr_ms=1.5, open_since_us=None),
-        SpeechNote(stream_id="s", seq=1, start_us=0, end_us=10, wall_us=5, text="", avg_logprob=-1e300,
-                   asr_ms=0.0, open_since_us=4),
+        AudioChunk(
+            stream_id="mic.1",
+            seq=2**40,
+            pts_us=123,
+            sample_rate=16000,
+            channels=2,
+            sample_format="s16le",
+            payload=b"\x00\x01" * 64,
+        ),
+        DeadLetter(
+            source_topic="t.frames",
+            source_partition=3,
+            source_offset=99,
+            key=None,
+            reason="truncated",
+            detail="cut short: naïve — ünïcödé ✓",
+            payload_excerpt=b"",
+            payload_size=0,
+            failed_at_us=1,
+        ),
+        DeadLetter(
+            source_topic="t",
+            source_partition=0,
+            source_offset=0,
+            key=b"k\x00",
+            reason="malformed",
+            detail="",
+            payload_excerpt=b"\xff",
+            payload_size=1,
+            failed_at_us=2,
+        ),
+        SpeechNote(
+            stream_id="s",
+            seq=1,
+            start_us=0,
+            end_us=10,
+            wall_us=5,
+            text="hello 世界",
+            avg_logprob=-0.25,
+            asr_ms=1.5,
+            open_since_us=None,
+        ),
+        SpeechNote(
+            stream_id="s",
+            seq=1,
+            start_us=0,
+            end_us=10,
+            wall_us=5,
+            text="",
+            avg_logprob=-1e300,
+            asr_ms=0.0,
+            open_since_us=4,
+        ),
     ]
 
 
@@ -78,7 +121,9 @@ def test_corrupted_batches_are_read_as_pyarrow_reads_them_or_declined() -> None:
         data = encode(record)
         decode(data, type(record))
         schema_end = 8 + int.from_bytes(data[4:8], "little", signed=True)
-        meta_end = schema_end + 8 + int.from_bytes(data[schema_end + 4 : schema_end + 8], "little", signed=True)
+        meta_end = (
+            schema_end + 8 + int.from_bytes(data[schema_end + 4 : schema_end + 8], "little", signed=True)
+        )
         for _ in range(700):
             corrupt = bytearray(data)
             mode = rng.random()
@@ -88,7 +133,11 @@ def test_corrupted_batches_are_read_as_pyarrow_reads_them_or_declined() -> None:
                 corrupt += bytes(rng.randrange(1, 16))
             else:
                 for _ in range(rng.choice((1, 1, 2, 3))):
-                    at = rng.randrange(schema_end, meta_end) if rng.random() < 0.7 else rng.randrange(meta_end, len(data))
+                    at = (
+                        rng.randrange(schema_end, meta_end)
+                        if rng.random() < 0.7
+                        else rng.randrange(meta_end, len(data))
+                    )
                     corrupt[at] = rng.choice((0, 1, 2, 4, 8, 0x7F, 0x80, 0xFF, rng.randrange(256)))
             corrupt = bytes(corrupt)
             row = _fast_row(corrupt, type(record))
@@ -102,7 +151,9 @@ def test_corrupted_batches_are_read_as_pyarrow_reads_them_or_declined() -> None:
             else:
                 fast_rows += 1
                 assert expected is not None, corrupt.hex()
-                assert {k: v for k, v in row.items() if v == v} == {k: v for k, v in expected.items() if v == v}
+                assert {k: v for k, v in row.items() if v == v} == {
+                    k: v for k, v in expected.items() if v == v
+                }
             try:
                 decode(corrupt, type(record))
             except SchemaError:

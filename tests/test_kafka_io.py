@@ -46,12 +46,16 @@ def _run_source(settings, endpoints, topics, **kwargs) -> list:
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["records", "batches"])
-def test_source_delivers_each_partition_in_order_and_stops_at_stop_offsets(stack_settings, endpoints, batch) -> None:
+def test_source_delivers_each_partition_in_order_and_stops_at_stop_offsets(
+    stack_settings, endpoints, batch
+) -> None:
     (topic,) = new_topics(stack_settings, endpoints, "order")
     producer = connect.producer(stack_settings, endpoints)
     sent = {}
     for i in range(60):
-        meta = producer.send(topic, key=b"s%d" % (i % 7), value=b"%d" % i, timestamp_ms=1_700_000_000_000 + i).get(10)
+        meta = producer.send(
+            topic, key=b"s%d" % (i % 7), value=b"%d" % i, timestamp_ms=1_700_000_000_000 + i
+        ).get(10)
         sent.setdefault(meta.partition, []).append(meta.offset)
     producer.close()
     stops = {(topic, p): offsets[-1] + 1 for p, offsets in sent.items()}
@@ -73,16 +77,21 @@ def test_source_resumes_from_given_and_committed_offsets(stack_settings, endpoin
     producer.flush()
     producer.close()
 
-    given = _run_source(stack_settings, endpoints, [topic], start_offsets={(topic, 0): 15},
-                        config={"end_markers": True})
+    given = _run_source(
+        stack_settings, endpoints, [topic], start_offsets={(topic, 0): 15}, config={"end_markers": True}
+    )
     assert [int(row[3]) for row in given] == [15, 16, 17, 18, 19]  # the marker is not emitted
 
     group = f"resume-{topic}"
-    committer = OffsetCommitter(KafkaConsumer(**connect.kafka_config(stack_settings, endpoints), group_id=group))
+    committer = OffsetCommitter(
+        KafkaConsumer(**connect.kafka_config(stack_settings, endpoints), group_id=group)
+    )
     committer.commit(topic, 0, 12)
     assert committer.committed(topic, 0) == 12
     committer.close()
-    committed = _run_source(stack_settings, endpoints, [topic], config={"group_id": group, "end_markers": True})
+    committed = _run_source(
+        stack_settings, endpoints, [topic], config={"group_id": group, "end_markers": True}
+    )
     assert [int(row[3]) for row in committed] == list(range(12, 20))
 
 
@@ -104,8 +113,9 @@ def test_output_producer_suppresses_what_the_ledger_already_holds(stack_settings
     assert keys == sorted(b"k%d" % i for i in range(15))
     # A ledger read from recorded positions only sees what came after them.
     third = OutputProducer(connect.producer(stack_settings, endpoints))
-    later = third.load_ledger(lambda: connect.consumer(stack_settings, endpoints, group_id=None),
-                              {out: positions[out]}, [out])
+    later = third.load_ledger(
+        lambda: connect.consumer(stack_settings, endpoints, group_id=None), {out: positions[out]}, [out]
+    )
     assert sorted(w.identity for w in later) == sorted(b"k%d" % i for i in range(10, 15))
     third.close()
 
@@ -135,9 +145,21 @@ def _task(settings, endpoints, topic, out, group, producer, processor=None, **kw
     store = connect.object_store(settings, endpoints)
     committer = OffsetCommitter(KafkaConsumer(**connect.kafka_config(settings, endpoints), group_id=group))
     processor = processor or PassThroughProcessor(out)
-    task = PartitionTask(topic, 0, processor, SnapshotStore(store, snapshot_namespace(group, processor.name)), store,
-                         group, producer, committer, settings.topics.dead_letter, **kwargs)
-    task.recover_ledger(lambda: connect.consumer(settings, endpoints, group_id=None, fetch_max_wait_ms=20), [out])
+    task = PartitionTask(
+        topic,
+        0,
+        processor,
+        SnapshotStore(store, snapshot_namespace(group, processor.name)),
+        store,
+        group,
+        producer,
+        committer,
+        settings.topics.dead_letter,
+        **kwargs,
+    )
+    task.recover_ledger(
+        lambda: connect.consumer(settings, endpoints, group_id=None, fetch_max_wait_ms=20), [out]
+    )
     return task
 
 
@@ -151,7 +173,9 @@ def test_task_crash_between_commits_gives_each_output_once(stack_settings, endpo
     records = [_record(topic, i, f"st{i % 3}", i // 3) for i in range(40)]
 
     producer = OutputProducer(connect.producer(stack_settings, endpoints))
-    task = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=15, commit_interval_s=1e9)
+    task = _task(
+        stack_settings, endpoints, topic, out, group, producer, commit_every=15, commit_interval_s=1e9
+    )
     for record in records[:25]:  # commits after 15; 10 more absorbed, produced, not committed
         task.process(record)
     producer.flush()
@@ -159,8 +183,10 @@ def test_task_crash_between_commits_gives_each_output_once(stack_settings, endpo
     assert task.progress.next_offset == 15
 
     producer = OutputProducer(connect.producer(stack_settings, endpoints))
-    task = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=15, commit_interval_s=1e9)
-    for record in records[task.progress.next_offset:]:  # the source resumes at the commit
+    task = _task(
+        stack_settings, endpoints, topic, out, group, producer, commit_every=15, commit_interval_s=1e9
+    )
+    for record in records[task.progress.next_offset :]:  # the source resumes at the commit
         task.process(record)
     task.commit()
     producer.close()
@@ -182,11 +208,15 @@ def test_a_task_sharing_its_producer_keeps_the_window_it_has_not_replayed(stack_
     def run(a_from: int | None, a_to: int, b_from: int, b_to: int, commit: bool) -> OutputProducer:
         producer = OutputProducer(connect.producer(stack_settings, endpoints))
         if a_from is not None:
-            a = _task(stack_settings, endpoints, fast, out, group, producer, commit_every=15, commit_interval_s=1e9)
-            for record in a_records[max(a_from, a.progress.next_offset):a_to]:
+            a = _task(
+                stack_settings, endpoints, fast, out, group, producer, commit_every=15, commit_interval_s=1e9
+            )
+            for record in a_records[max(a_from, a.progress.next_offset) : a_to]:
                 a.process(record)
-        b = _task(stack_settings, endpoints, slow, out, group, producer, commit_every=15, commit_interval_s=1e9)
-        for record in b_records[max(b_from, b.progress.next_offset):b_to]:
+        b = _task(
+            stack_settings, endpoints, slow, out, group, producer, commit_every=15, commit_interval_s=1e9
+        )
+        for record in b_records[max(b_from, b.progress.next_offset) : b_to]:
             b.process(record)
         if commit:
             b.commit()
@@ -204,7 +234,9 @@ def test_a_task_sharing_its_producer_keeps_the_window_it_has_not_replayed(stack_
     keys = [m.key for m in read_all(stack_settings, endpoints, out)]
     twice = sorted(k for k in set(keys) if keys.count(k) > 1)
     assert not twice, f"written twice: {twice}"
-    assert sorted(keys) == sorted([f"sa:{i}".encode() for i in range(30)] + [f"sb:{i}".encode() for i in range(30)])
+    assert sorted(keys) == sorted(
+        [f"sa:{i}".encode() for i in range(30)] + [f"sb:{i}".encode() for i in range(30)]
+    )
     assert slow_task.progress.outputs[out][0] == len(keys)  # every output written again: nothing held
 
 
@@ -226,13 +258,22 @@ def test_a_tick_output_not_yet_ticked_again_holds_the_positions(stack_settings, 
 
     def run(stop: int, tick_at: int | None, commit: bool) -> PartitionTask:
         producer = OutputProducer(connect.producer(stack_settings, endpoints))
-        task = _task(stack_settings, endpoints, topic, out, group, producer, _TicksOnce(out),
-                     commit_every=1000, commit_interval_s=1e9)
+        task = _task(
+            stack_settings,
+            endpoints,
+            topic,
+            out,
+            group,
+            producer,
+            _TicksOnce(out),
+            commit_every=1000,
+            commit_interval_s=1e9,
+        )
         if task.progress.next_offset == 0:
             for record in records[:5]:
                 task.process(record)
             task.commit()
-        for record in records[task.progress.next_offset:stop]:
+        for record in records[task.progress.next_offset : stop]:
             task.process(record)
             if record.offset == tick_at:
                 task.tick()
@@ -269,13 +310,25 @@ def test_a_tick_output_waits_for_a_tick_that_gave_its_stream_a_turn(stack_settin
     output again, so it must not let go of it (a second restart would write it twice)."""
     topic, out = new_topics(stack_settings, endpoints, "tick2-in", "tick2-out", partitions=1)
     group = f"g-{topic}"
-    records = ([_record(topic, i, "tk", i) for i in range(5)] + [_record(topic, 5 + i, "ot", i) for i in range(8)]
-               + [_record(topic, 13, "tk", 5)])
+    records = (
+        [_record(topic, i, "tk", i) for i in range(5)]
+        + [_record(topic, 5 + i, "ot", i) for i in range(8)]
+        + [_record(topic, 13, "tk", 5)]
+    )
 
     def run(steps) -> PartitionTask:
         producer = OutputProducer(connect.producer(stack_settings, endpoints))
-        task = _task(stack_settings, endpoints, topic, out, group, producer, _TicksForOneStream(out),
-                     commit_every=1000, commit_interval_s=1e9)
+        task = _task(
+            stack_settings,
+            endpoints,
+            topic,
+            out,
+            group,
+            producer,
+            _TicksForOneStream(out),
+            commit_every=1000,
+            commit_interval_s=1e9,
+        )
         for step in steps:
             if step == "tick":
                 task.tick()
@@ -293,16 +346,21 @@ def test_a_tick_output_waits_for_a_tick_that_gave_its_stream_a_turn(stack_settin
     assert second.progress.outputs[out][0] == tick_offset
     run([13, "tick", "commit"])
     keys = [m.key for m in read_all(stack_settings, endpoints, out)]
-    assert sorted(keys) == sorted([b"tk/tick", *(f"tk:{i}".encode() for i in range(6)),
-                                   *(f"ot:{i}".encode() for i in range(8))]), keys
+    assert sorted(keys) == sorted(
+        [b"tk/tick", *(f"tk:{i}".encode() for i in range(6)), *(f"ot:{i}".encode() for i in range(8))]
+    ), keys
 
 
 def test_zombie_task_is_fenced(stack_settings, endpoints) -> None:
     topic, out = new_topics(stack_settings, endpoints, "zombie-in", "zombie-out", partitions=1)
     group = f"g-{topic}"
     producer = OutputProducer(connect.producer(stack_settings, endpoints))
-    old = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=1000, commit_interval_s=1e9)
-    new = _task(stack_settings, endpoints, topic, out, group, producer, commit_every=1000, commit_interval_s=1e9)
+    old = _task(
+        stack_settings, endpoints, topic, out, group, producer, commit_every=1000, commit_interval_s=1e9
+    )
+    new = _task(
+        stack_settings, endpoints, topic, out, group, producer, commit_every=1000, commit_interval_s=1e9
+    )
     new.process(_record(topic, 0, "z", 0))
     new.commit()
     old.process(_record(topic, 0, "z2", 0))
@@ -311,7 +369,9 @@ def test_zombie_task_is_fenced(stack_settings, endpoints) -> None:
     producer.close()
 
 
-def test_passthrough_pipeline_drops_duplicates_dead_letters_garbage_and_goes_on(stack_settings, endpoints) -> None:
+def test_passthrough_pipeline_drops_duplicates_dead_letters_garbage_and_goes_on(
+    stack_settings, endpoints
+) -> None:
     topic, out = new_topics(stack_settings, endpoints, "pt-in", "pt-out")
     producer = connect.producer(stack_settings, endpoints)
     for seq in range(20):
@@ -327,8 +387,11 @@ def test_passthrough_pipeline_drops_duplicates_dead_letters_garbage_and_goes_on(
     passthrough.run(stack_settings, topic, out, f"g-{topic}", commit_every=8, bounded=True)
     keys = sorted(m.key for m in read_all(stack_settings, endpoints, out))
     assert keys == sorted(f"{s}:{q}".encode() for q in range(20) for s in ("cam-a", "cam-b"))
-    letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
-               if m.value and decode(m.value, DeadLetter).source_topic == topic]
+    letters = [
+        decode(m.value, DeadLetter)
+        for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
+        if m.value and decode(m.value, DeadLetter).source_topic == topic
+    ]
     assert sorted(letter.reason for letter in letters) == ["invalid_field", "malformed"]
     assert all(letter.payload_size > 0 for letter in letters)
 
@@ -348,13 +411,20 @@ def test_decode_or_dead_letter_and_write_to_kafka(stack_settings, endpoints) -> 
     kafka = connect.kafka_config(stack_settings, endpoints)
     for _ in range(2):  # the second run re-reads everything; the ledger keeps outputs single
         with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(streaming=True)) as p:
-            decoded = (p | ReadFromKafka(SourceConfig(client=kafka, end_markers=True), [topic])
-                       | beam.ParDo(DecodeOrDeadLetter(Frame, dlq)).with_outputs(DEAD_LETTER, main="frames"))
-            (decoded.frames
-             | beam.Map(lambda f: Output(out, f"{f.stream_id}:{f.seq}".encode(), b"%d" % f.width))
-             | "Out" >> WriteToKafka(kafka, ledger_topics=(out,)))
+            decoded = (
+                p
+                | ReadFromKafka(SourceConfig(client=kafka, end_markers=True), [topic])
+                | beam.ParDo(DecodeOrDeadLetter(Frame, dlq)).with_outputs(DEAD_LETTER, main="frames")
+            )
+            (
+                decoded.frames
+                | beam.Map(lambda f: Output(out, f"{f.stream_id}:{f.seq}".encode(), b"%d" % f.width))
+                | "Out" >> WriteToKafka(kafka, ledger_topics=(out,))
+            )
             decoded[DEAD_LETTER] | "DLQ" >> WriteToKafka(kafka, ledger_topics=(dlq,))
-    assert sorted(m.key for m in read_all(stack_settings, endpoints, out)) == [b"cam:%d" % i for i in range(6)]
+    assert sorted(m.key for m in read_all(stack_settings, endpoints, out)) == [
+        b"cam:%d" % i for i in range(6)
+    ]
     letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, dlq)]
     assert [letter.reason for letter in letters] == ["truncated"]
     assert letters[0].source_topic == topic and letters[0].source_offset == 6
@@ -369,7 +439,16 @@ def test_progress_keeps_positions_of_partitions_not_written_since(stack_settings
     producer.flush()
     producer.close()
     producer = OutputProducer(connect.producer(stack_settings, endpoints))
-    task = _task(stack_settings, endpoints, topic, out, f"g-{topic}", producer, commit_every=1000, commit_interval_s=1e9)
+    task = _task(
+        stack_settings,
+        endpoints,
+        topic,
+        out,
+        f"g-{topic}",
+        producer,
+        commit_every=1000,
+        commit_interval_s=1e9,
+    )
     ends = task.progress.outputs[out]
     assert set(ends) == {0, 1, 2} and sum(ends.values()) == 5  # generation 0: where outputs ended
     for seq in range(3):
@@ -381,7 +460,9 @@ def test_progress_keeps_positions_of_partitions_not_written_since(stack_settings
     assert sum(positions.values()) == 5 + 3
 
 
-def test_two_streams_reusing_a_query_id_each_get_their_note_once_across_a_kill(stack_settings, endpoints) -> None:
+def test_two_streams_reusing_a_query_id_each_get_their_note_once_across_a_kill(
+    stack_settings, endpoints
+) -> None:
     """Output identities are scoped by stream (issue #20, defect 4). The ledger suppresses an
     identity across all partitions of a topic, once: when two streams on two partitions asked
     with the same query id and the pipeline was killed in the commit window, the restarted run
@@ -397,8 +478,17 @@ def test_two_streams_reusing_a_query_id_each_get_their_note_once_across_a_kill(s
         return KafkaRecord(topic, 0, 0, stream.encode(), encode(q), 0)
 
     def task(topic: str, producer) -> PartitionTask:
-        return _task(stack_settings, endpoints, topic, out, group, producer, QueryStage(out),
-                     commit_every=1000, commit_interval_s=1e9)
+        return _task(
+            stack_settings,
+            endpoints,
+            topic,
+            out,
+            group,
+            producer,
+            QueryStage(out),
+            commit_every=1000,
+            commit_interval_s=1e9,
+        )
 
     producer = OutputProducer(connect.producer(stack_settings, endpoints))
     task(x_topic, producer).process(query(x_topic, "cam-x"))  # written, not committed: killed
@@ -422,7 +512,9 @@ def test_an_output_identity_that_does_not_name_its_stream_is_refused(stack_setti
     class Unscoped(PassThroughProcessor):
         def process(self, state, record):
             state, outputs = super().process(state, record)
-            return state, [Output(o.topic, b"seq-only", o.value, partition_key=o.partition_key) for o in outputs]
+            return state, [
+                Output(o.topic, b"seq-only", o.value, partition_key=o.partition_key) for o in outputs
+            ]
 
     topic, out = new_topics(stack_settings, endpoints, "unscoped-in", "unscoped-out", partitions=1)
     producer = OutputProducer(connect.producer(stack_settings, endpoints))

@@ -22,7 +22,9 @@ def _frames(n: int = 24) -> list[tuple[bytes, int, int]]:
     # Two scenes: the cut in the middle is what the router must mark clear.
     out = []
     for name in ("bikes.mp4", "carphone_pristine.mp4"):
-        picked = [rgb for i, (_, rgb) in enumerate(decode_frames(sample_video(name), limit=n * 3)) if i % 6 == 0]
+        picked = [
+            rgb for i, (_, rgb) in enumerate(decode_frames(sample_video(name), limit=n * 3)) if i % 6 == 0
+        ]
         out += [(encode_jpeg(rgb, quality=85), rgb.shape[1], rgb.shape[0]) for rgb in picked[: n // 2]]
     return out
 
@@ -33,13 +35,27 @@ def test_keyframe_extractor_stores_the_clear_frames_once(stack_settings, endpoin
     jpegs = [jpeg for jpeg, _, _ in frames]
     producer = connect.producer(stack_settings, endpoints)
     for seq, (jpeg, width, height) in enumerate(frames):
-        frame = Frame(stream_id="cam-kf", seq=seq, pts_us=seq * 250_000, codec="jpeg", width=width,
-                      height=height, payload=jpeg)
+        frame = Frame(
+            stream_id="cam-kf",
+            seq=seq,
+            pts_us=seq * 250_000,
+            codec="jpeg",
+            width=width,
+            height=height,
+            payload=jpeg,
+        )
         producer.send(topic, key=b"cam-kf", value=encode(frame))
         if seq == 5:
             producer.send(topic, key=b"cam-kf", value=encode(frame))  # a duplicate: routed once
-            bad = Frame(stream_id="cam-kf", seq=99, pts_us=0, codec="jpeg", width=112, height=112,
-                        payload=b"\xff\xd8not a jpeg\xff\xd9")
+            bad = Frame(
+                stream_id="cam-kf",
+                seq=99,
+                pts_us=0,
+                codec="jpeg",
+                width=112,
+                height=112,
+                payload=b"\xff\xd8not a jpeg\xff\xd9",
+            )
             producer.send(topic, key=b"cam-kf", value=encode(bad))  # a JPEG that does not decode
     send_end_of_stream(producer, topic)
     producer.flush()
@@ -66,7 +82,10 @@ def test_keyframe_extractor_stores_the_clear_frames_once(stack_settings, endpoin
     for record in records:
         assert store.get(record["key"]) == jpegs[record["seq"]]
         assert record["key"].startswith("streams/cam-kf/keyframes/")
-    letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
-               if m.value and decode(m.value, DeadLetter).source_topic == topic]
+    letters = [
+        decode(m.value, DeadLetter)
+        for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
+        if m.value and decode(m.value, DeadLetter).source_topic == topic
+    ]
     assert [letter.reason for letter in letters] == ["invalid_field"]
     assert "JPEG" in letters[0].detail

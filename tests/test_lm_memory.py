@@ -76,9 +76,12 @@ def test_mrope_blocks_move_as_a_whole() -> None:
     pos = torch.stack([torch.zeros(12, dtype=torch.int64), r, c])
     at_0 = adapter.forward(x, pos + 7).keys
     at_d = adapter.forward(x, pos + 7 + 250).keys
-    torch.testing.assert_close(shift_keys(at_0, 250, adapter.inv_freq), at_d,
-                               atol=adapter.num_layers * rotation_atol(at_d, max_position=int(pos.max()) + 250),
-                               rtol=0)
+    torch.testing.assert_close(
+        shift_keys(at_0, 250, adapter.inv_freq),
+        at_d,
+        atol=adapter.num_layers * rotation_atol(at_d, max_position=int(pos.max()) + 250),
+        rtol=0,
+    )
 
 
 # -- the memory equals the full-context model when nothing is dropped -----------------

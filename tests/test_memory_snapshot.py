@@ -24,18 +24,35 @@ def _no_models():
 
 
 def _note(sid: str, seq: int, rng: np.random.Generator) -> bytes:
-    return encode(VisualNote(
-        stream_id=sid, seq=seq, pts_us=seq * 1_000_000, wall_us=1_700_000_000_000_000 + seq * 1_000_000,
-        tier="fuzzy", reason="below", score=0.1, threshold=0.5, tokens=16, memory_tokens=16 * seq,
-        cached_fraction=0.5, feature=tuple(float(x) for x in rng.standard_normal(384)),
-        content_hash=hashlib.sha256(f"{sid}/{seq}".encode()).hexdigest(), keyframe_key="", encode_ms=1.0,
-    ))
+    return encode(
+        VisualNote(
+            stream_id=sid,
+            seq=seq,
+            pts_us=seq * 1_000_000,
+            wall_us=1_700_000_000_000_000 + seq * 1_000_000,
+            tier="fuzzy",
+            reason="below",
+            score=0.1,
+            threshold=0.5,
+            tokens=16,
+            memory_tokens=16 * seq,
+            cached_fraction=0.5,
+            feature=tuple(float(x) for x in rng.standard_normal(384)),
+            content_hash=hashlib.sha256(f"{sid}/{seq}".encode()).hexdigest(),
+            keyframe_key="",
+            encode_ms=1.0,
+        )
+    )
 
 
 @pytest.fixture()
 def stage(stack_settings, endpoints) -> MemoryStage:
-    return MemoryStage(_no_models, "answers", objects=connect.object_store(stack_settings, endpoints),
-                       config=MemoryStageConfig(expect_audio=False))
+    return MemoryStage(
+        _no_models,
+        "answers",
+        objects=connect.object_store(stack_settings, endpoints),
+        config=MemoryStageConfig(expect_audio=False),
+    )
 
 
 def _feed(stage: MemoryStage, sid: str, frames: int, sizes: dict[int, int] | None = None):

@@ -168,8 +168,19 @@ def frames_of(tmp_path_factory):
         out = []
         for seq, path in enumerate(paths[:n]):
             w, h = Image.open(path).size
-            out.append(encode(Frame(stream_id=stream_id, seq=seq, pts_us=seq * 1_000_000, codec="jpeg",
-                                    width=w, height=h, payload=path.read_bytes())))
+            out.append(
+                encode(
+                    Frame(
+                        stream_id=stream_id,
+                        seq=seq,
+                        pts_us=seq * 1_000_000,
+                        codec="jpeg",
+                        width=w,
+                        height=h,
+                        payload=path.read_bytes(),
+                    )
+                )
+            )
         return out
 
     return make
@@ -185,7 +196,9 @@ def _notes(messages) -> dict[str, list[VisualNote]]:
 
 @pytest.mark.stack
 @pytest.mark.slow
-def test_frame_stage_model_faults_cost_one_frame_and_no_other_stream(stack_settings, endpoints, frames_of) -> None:
+def test_frame_stage_model_faults_cost_one_frame_and_no_other_stream(
+    stack_settings, endpoints, frames_of
+) -> None:
     from streamvqa.pipelines.video_qa.graph import StageFactories
 
     run = uuid.uuid4().hex[:6]
@@ -196,12 +209,21 @@ def test_frame_stage_model_faults_cost_one_frame_and_no_other_stream(stack_setti
     policy = CallPolicy(timeout_s=3.0, attempts=3, backoff_s=0.1)
     # stream A: frame 2 fails once (call 3; its retry is call 4), frame 5 always (calls 7-9), frame 8
     # overruns the deadline once (call 12); stream B: frame 3 fails once (call 4)
-    faults = {(a, 3): "raise", (a, 7): "raise", (a, 8): "raise", (a, 9): "raise", (a, 12): 4.0, (b, 4): "raise"}
+    faults = {
+        (a, 3): "raise",
+        (a, 7): "raise",
+        (a, 8): "raise",
+        (a, 9): "raise",
+        (a, 12): 4.0,
+        (b, 4): "raise",
+    }
 
     def run_task(name: str, faulty: dict, drop: set[tuple[str, int]]) -> tuple[dict, list[DeadLetter]]:
         topic, out = new_topics(stack_settings, endpoints, f"mf-{name}-in", f"mf-{name}-out", partitions=1)
         stage = StageFactories(stack_settings).frames()
-        stage = dataclasses.replace(stage, encoder=FaultyEncoder(stage.encoder, faulty), memory_topic=out, calls=policy)
+        stage = dataclasses.replace(
+            stage, encoder=FaultyEncoder(stage.encoder, faulty), memory_topic=out, calls=policy
+        )
         task, producer = partition_task(stack_settings, endpoints, topic, [out], f"g-{topic}", stage)
         try:
             offset = 0
@@ -213,8 +235,13 @@ def test_frame_stage_model_faults_cost_one_frame_and_no_other_stream(stack_setti
             task.commit()
         finally:
             producer.close()
-        letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)]
-        return _notes(read_all(stack_settings, endpoints, out)), [d for d in letters if d.source_topic == topic]
+        letters = [
+            decode(m.value, DeadLetter)
+            for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
+        ]
+        return _notes(read_all(stack_settings, endpoints, out)), [
+            d for d in letters if d.source_topic == topic
+        ]
 
     faulty, letters = run_task("faulty", faults, set())
     clean, none = run_task("clean", {}, {(a, 5)})  # what A would be had frame 5 never come
@@ -242,9 +269,20 @@ def test_an_answer_the_model_keeps_failing_is_reported_and_dead_lettered(stack_s
     path = tmp_path / "weights"
     tiny_llama(vocab=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    settings = stack_settings.model_copy(update={"pipeline": stack_settings.pipeline.model_copy(update={
-        "lm_path": path, "text_features": False, "max_new_tokens": 2, "speech": False,
-        "model_timeout_s": 5.0, "model_backoff_s": 0.05})})
+    settings = stack_settings.model_copy(
+        update={
+            "pipeline": stack_settings.pipeline.model_copy(
+                update={
+                    "lm_path": path,
+                    "text_features": False,
+                    "max_new_tokens": 2,
+                    "speech": False,
+                    "model_timeout_s": 5.0,
+                    "model_backoff_s": 0.05,
+                }
+            )
+        }
+    )
     stage = StageFactories(settings).memory()
     memory = stage.memory
     answer = memory.answer
@@ -263,25 +301,43 @@ def test_an_answer_the_model_keeps_failing_is_reported_and_dead_lettered(stack_s
 
     def feed(value: bytes, offset: int) -> None:
         nonlocal state
-        state, out = stage.process(state, KafkaRecord("streamvqa.memory", 0, offset, sid.encode(), value, wall // 1000))
+        state, out = stage.process(
+            state, KafkaRecord("streamvqa.memory", 0, offset, sid.encode(), value, wall // 1000)
+        )
         outputs.extend(out)
 
-    feed(encode(SpeechNote(stream_id=sid, seq=0, start_us=0, end_us=2_000_000, wall_us=wall,
-                           text="The red boat left the harbour.")), 0)
+    feed(
+        encode(
+            SpeechNote(
+                stream_id=sid,
+                seq=0,
+                start_us=0,
+                end_us=2_000_000,
+                wall_us=wall,
+                text="The red boat left the harbour.",
+            )
+        ),
+        0,
+    )
     boat = encode(Query(query_id=f"{sid}-boat", stream_id=sid, text="Which boat left?", asked_at_us=1))
     feed(boat, 1)
     feed(encode(Query(query_id=f"{sid}-dog", stream_id=sid, text="What barked?", asked_at_us=1)), 2)
     state, out = stage.tick(state, int(time.time() * 1e6) + int(settings.pipeline.hold_timeout_s * 1e6) + 1)
     outputs.extend(out)
-    answers = {decode(o.value, Answer).query_id: decode(o.value, Answer) for o in outputs
-               if o.topic == settings.topics.answers}
+    answers = {
+        decode(o.value, Answer).query_id: decode(o.value, Answer)
+        for o in outputs
+        if o.topic == settings.topics.answers
+    }
     letters = [decode(o.value, DeadLetter) for o in outputs if o.topic == settings.topics.dead_letter]
     assert set(answers) == {f"{sid}-boat", f"{sid}-dog"}  # the asker hears back either way
     failed, fine = answers[f"{sid}-boat"], answers[f"{sid}-dog"]
     assert failed.text.startswith("This question could not be answered: language-model on question")
     assert "failed 3 times" in failed.text and "NaN logits" in failed.text and failed.model_id == "streamvqa"
     assert fine.model_id == "local/weights" and fine.evidence
-    assert [(d.reason, d.source_topic, d.source_offset) for d in letters] == [("model_failed", "streamvqa.memory", 1)]
+    assert [(d.reason, d.source_topic, d.source_offset) for d in letters] == [
+        ("model_failed", "streamvqa.memory", 1)
+    ]
     assert letters[0].payload_excerpt and boat.startswith(letters[0].payload_excerpt)
     assert sum("boat" in q for q in asked) == 3
     # both are answered, once: the state remembers them

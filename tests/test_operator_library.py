@@ -43,7 +43,11 @@ STATEFUL = [
     ),
     ("streamvqa.operators.serve.stages.EncoderStage", ("snapshot", "restore"), ()),
     *[
-        (f"streamvqa.pipelines.video_qa.{stage}", ("initial_state", "process", "encode_state", "decode_state"), ())
+        (
+            f"streamvqa.pipelines.video_qa.{stage}",
+            ("initial_state", "process", "encode_state", "decode_state"),
+            (),
+        )
         for stage in ("FrameStage", "AudioStage", "QueryStage", "MemoryStage")
     ],
     ("streamvqa.pipelines.video_qa.MemoryStage", ("tick",), ()),

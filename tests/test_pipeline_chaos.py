@@ -54,15 +54,23 @@ def _ask(settings, endpoints, media, stream_id: str) -> list[str]:
     ids = []
     for i, q in enumerate(media.questions):
         image = media.images.get(i)
-        query = make_query(stream_id, q.text, image=image, image_codec="jpeg" if image else None,
-                           asked_at_us=EPOCH_MS * 1000 + int(q.at_s * 1e6), query_id=f"{stream_id}-q{i + 1}")
+        query = make_query(
+            stream_id,
+            q.text,
+            image=image,
+            image_codec="jpeg" if image else None,
+            asked_at_us=EPOCH_MS * 1000 + int(q.at_s * 1e6),
+            query_id=f"{stream_id}-q{i + 1}",
+        )
         publish_query(settings, kafka, query)
         ids.append(query.query_id)
     kafka.close()
     deadline = time.monotonic() + 300
     want = {f"{stream_id}/q/{i}" for i in ids}
-    while not want <= {dict(m.headers).get(OUTPUT_ID_HEADER, b"").decode()
-                       for m in _read(settings, endpoints, settings.topics.memory)}:
+    while not want <= {
+        dict(m.headers).get(OUTPUT_ID_HEADER, b"").decode()
+        for m in _read(settings, endpoints, settings.topics.memory)
+    }:
         assert time.monotonic() < deadline, "the questions were not forwarded"
         time.sleep(1)
     return ids
@@ -71,13 +79,21 @@ def _ask(settings, endpoints, media, stream_id: str) -> list[str]:
 def _stream(settings, endpoints, media, stream_id: str, speed: float | None) -> None:
     """The stream: three bad frame messages, then frames and audio."""
     kafka = connect.producer(settings, endpoints)
-    sample = Frame(stream_id=stream_id, seq=10**9, pts_us=0, codec="jpeg", width=320, height=240,
-                   payload=sorted(media.frames_dir.glob("*.jpg"))[0].read_bytes())
+    sample = Frame(
+        stream_id=stream_id,
+        seq=10**9,
+        pts_us=0,
+        codec="jpeg",
+        width=320,
+        height=240,
+        payload=sorted(media.frames_dir.glob("*.jpg"))[0].read_bytes(),
+    )
     for _, value in bad_messages(stream_id, sample):
         kafka.send(settings.topics.frames, key=stream_id.encode(), value=value).get(timeout=30)
     kafka.close()
-    options = ProduceOptions(stream_id=stream_id, image_fps=media.fps, audio_path=media.audio_path, speed=speed,
-                             resume=False)
+    options = ProduceOptions(
+        stream_id=stream_id, image_fps=media.fps, audio_path=media.audio_path, speed=speed, resume=False
+    )
     produce(settings, media.frames_dir, options, endpoints=endpoints, epoch_ms=EPOCH_MS)
 
 
@@ -86,7 +102,9 @@ def _final_state(settings, endpoints, group: str, stream_id: str):
     snapshot, _ = SnapshotStore(objects, snapshot_namespace(group, "memory")).load(stream_id)
     if snapshot is None:
         return None
-    return state_from_snapshot(snapshot.state, objects, StoreConfig.from_settings(settings, endpoints).kv_store())
+    return state_from_snapshot(
+        snapshot.state, objects, StoreConfig.from_settings(settings, endpoints).kv_store()
+    )
 
 
 def _done(settings, endpoints, group, stream_id, frames: int, duration_us: int, ids: list[str]) -> bool:
@@ -94,8 +112,12 @@ def _done(settings, endpoints, group, stream_id, frames: int, duration_us: int, 
     if not set(ids) <= answered:
         return False
     state = _final_state(settings, endpoints, group, stream_id)
-    return (state is not None and len(state.seqs) == frames and state.heard_us >= duration_us - 2_000_000
-            and not state.pending)
+    return (
+        state is not None
+        and len(state.seqs) == frames
+        and state.heard_us >= duration_us - 2_000_000
+        and not state.pending
+    )
 
 
 def _outcome(settings, endpoints, group, stream_id):
@@ -109,8 +131,12 @@ def _outcome(settings, endpoints, group, stream_id):
             visual[item.seq] = (item.tier, item.score, item.feature, item.keyframe_key, item.tokens)
         elif isinstance(item, SpeechNote):
             speech[(item.start_us, item.end_us)] = item.text
-    letters = Counter((d.source_offset, d.reason) for d in
-                      (decode(m.value, DeadLetter) for m in _read(settings, endpoints, settings.topics.dead_letter)))
+    letters = Counter(
+        (d.source_offset, d.reason)
+        for d in (
+            decode(m.value, DeadLetter) for m in _read(settings, endpoints, settings.topics.dead_letter)
+        )
+    )
     manifest = manifest_of(_final_state(settings, endpoints, group, stream_id))
     return answers, identities, visual, speech, letters, manifest
 
@@ -165,7 +191,9 @@ def test_sigkill_restarts_give_the_uninterrupted_result(stack_settings, tmp_path
     # no note lost or written twice; the same notes, bit for bit: features and scores too
     # (docs/reliability.md, "Floats"), and the KV blocks' content below.
     assert set(identities.values()) == {1} and identities.keys() == e_identities.keys(), (
-        {k: n for k, n in identities.items() if n > 1}, identities.keys() ^ e_identities.keys())
+        {k: n for k, n in identities.items() if n > 1},
+        identities.keys() ^ e_identities.keys(),
+    )
     assert visual.keys() == e_visual.keys() and speech == e_speech
     for seq, (tier, _score, _feature, key, tokens) in visual.items():
         e_tier, _, _, e_key, e_tokens = e_visual[seq]
@@ -180,8 +208,13 @@ def test_sigkill_restarts_give_the_uninterrupted_result(stack_settings, tmp_path
     assert frames(manifest) == frames(e_manifest)
     blocks = lambda m: [(b.block_index, b.start_us, b.end_us, b.nbytes) for b in m.kv_blocks]  # noqa: E731
     assert blocks(manifest) == blocks(e_manifest)
-    same_content = sum(a.content_hash == b.content_hash for a, b in zip(manifest.kv_blocks, e_manifest.kv_blocks, strict=True))
-    assert same_content == len(manifest.kv_blocks), f"{same_content}/{len(manifest.kv_blocks)} KV blocks bit-identical"
+    same_content = sum(
+        a.content_hash == b.content_hash
+        for a, b in zip(manifest.kv_blocks, e_manifest.kv_blocks, strict=True)
+    )
+    assert same_content == len(manifest.kv_blocks), (
+        f"{same_content}/{len(manifest.kv_blocks)} KV blocks bit-identical"
+    )
     # every question answered exactly once, with the uninterrupted run's answer and evidence
     assert sorted(a.query_id for a in answers) == sorted(ids)
     got_answers = {a.query_id: a for a in answers}
@@ -190,6 +223,8 @@ def test_sigkill_restarts_give_the_uninterrupted_result(stack_settings, tmp_path
         assert a.text == e.text, (a.text, e.text)
         assert [(s.start_us, s.end_us) for s in a.evidence] == [(s.start_us, s.end_us) for s in e.evidence]
     exact = sum(visual[q] == e_visual[q] for q in visual)
-    print(f"{kills} kills; {same_content}/{len(manifest.kv_blocks)} KV blocks and {exact}/{len(visual)} frame notes "
-          "bit-identical")
+    print(
+        f"{kills} kills; {same_content}/{len(manifest.kv_blocks)} KV blocks and {exact}/{len(visual)} frame notes "
+        "bit-identical"
+    )
     assert kills >= KILLS

@@ -20,8 +20,15 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 def test_stream_questions_answers_and_dead_letters(stack_settings, tmp_path) -> None:
     settings, endpoints = private_topics(stack_settings, "e2e")
     out = io.StringIO()
-    result = run_demo(settings, speed=None, scene_s=15.0, fps=1.0, report_dir=tmp_path / "report",
-                      answer_timeout_s=400, console=Console(file=out, width=200))
+    result = run_demo(
+        settings,
+        speed=None,
+        scene_s=15.0,
+        fps=1.0,
+        report_dir=tmp_path / "report",
+        answer_timeout_s=400,
+        console=Console(file=out, width=200),
+    )
     media = result.media
     # every question answered, exactly once (on the topic too, not only as the demo saw it)
     assert sorted(result.answers) == list(range(len(media.questions)))

@@ -40,7 +40,9 @@ def test_object_store_outage_costs_time_not_data(private_stack, tmp_path) -> Non
     media, stream_id, log, proc = _start(settings, tmp_path, "outage", "faults")
     try:
         ids = _ask(settings, endpoints, media, stream_id)
-        feeder = threading.Thread(target=_stream, args=(settings, endpoints, media, stream_id, 2.0), daemon=True)
+        feeder = threading.Thread(
+            target=_stream, args=(settings, endpoints, media, stream_id, 2.0), daemon=True
+        )
         feeder.start()
         time.sleep(8.0)  # mid-stream
         assert private_stack.s3.stop(grace_s=0.5)
@@ -51,7 +53,9 @@ def test_object_store_outage_costs_time_not_data(private_stack, tmp_path) -> Non
         _wait(settings, endpoints, "faults", stream_id, media, ids, 600, lambda: proc)
     finally:
         stop_pipeline(proc)
-    answers, identities, visual, _speech, letters, manifest = _outcome(settings, endpoints, "faults", stream_id)
+    answers, identities, visual, _speech, letters, manifest = _outcome(
+        settings, endpoints, "faults", stream_id
+    )
     _assert_exactly_once(answers, ids, identities, visual, letters, media)
     assert len(manifest.frames) == len(visual)
     for answer, question in zip(sorted(answers, key=lambda a: a.query_id), media.questions, strict=True):
@@ -62,9 +66,12 @@ def test_object_store_outage_costs_time_not_data(private_stack, tmp_path) -> Non
 
 def test_broker_restart_mid_stream_costs_time_not_data(private_stack, tmp_path) -> None:
     private_stack.up(broker_storage="s3")  # durable: topics and offsets survive a restart
-    settings, endpoints = _settings(private_stack.settings.model_copy(
-        update={"local": private_stack.settings.local.model_copy(update={"broker_storage": "s3"})}),
-        f"k{uuid.uuid4().hex[:4]}")
+    settings, endpoints = _settings(
+        private_stack.settings.model_copy(
+            update={"local": private_stack.settings.local.model_copy(update={"broker_storage": "s3"})}
+        ),
+        f"k{uuid.uuid4().hex[:4]}",
+    )
     media, stream_id, log, proc = _start(settings, tmp_path, "broker", "faults-broker")
     try:
         ids = _ask(settings, endpoints, media, stream_id)
@@ -77,6 +84,8 @@ def test_broker_restart_mid_stream_costs_time_not_data(private_stack, tmp_path) 
         _wait(settings, endpoints, "faults-broker", stream_id, media, ids, 600, lambda: proc)
     finally:
         stop_pipeline(proc)
-    answers, identities, visual, _speech, letters, _manifest = _outcome(settings, endpoints, "faults-broker", stream_id)
+    answers, identities, visual, _speech, letters, _manifest = _outcome(
+        settings, endpoints, "faults-broker", stream_id
+    )
     _assert_exactly_once(answers, ids, identities, visual, letters, media)
     assert "ECONNREFUSED" in log.read_text(errors="replace")  # the restart was felt, and outlived

@@ -42,7 +42,7 @@ def test_a_poison_record_is_dead_lettered_after_three_failed_runs(stack_settings
         runs += 1
         task, producer = _task(stack_settings, endpoints, topic, out, group, FailsOnSeq(out, bad_seq=4))
         try:
-            for record in records[task.progress.next_offset:]:  # the source resumes at the commit
+            for record in records[task.progress.next_offset :]:  # the source resumes at the commit
                 task.process(record)
             task.commit()
             break
@@ -53,7 +53,10 @@ def test_a_poison_record_is_dead_lettered_after_three_failed_runs(stack_settings
     assert runs == 4  # three failed runs, then the record is dead-lettered
     keys = sorted(m.key for m in read_all(stack_settings, endpoints, out))
     assert keys == sorted(f"cam-p:{i}".encode() for i in range(10) if i != 4)  # each once, the rest went on
-    letters = [decode(m.value, DeadLetter) for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)]
+    letters = [
+        decode(m.value, DeadLetter)
+        for m in read_all(stack_settings, endpoints, stack_settings.topics.dead_letter)
+    ]
     mine = [d for d in letters if d.source_topic == topic]
     assert [(d.source_offset, d.reason) for d in mine] == [(4, "processing_failed")]
     assert "the model failed on this frame" in mine[0].detail and "3 runs" in mine[0].detail
@@ -66,8 +69,9 @@ def test_outages_are_not_counted_against_a_record(stack_settings, endpoints) -> 
     group = f"g-{topic}"
     record = KafkaRecord(topic, 0, 0, b"cam-o", frame_bytes("cam-o", 0), 0)
     for _ in range(5):
-        task, producer = _task(stack_settings, endpoints, topic, out, group,
-                               FailsOnSeq(out, bad_seq=0, error=ConnectionError))
+        task, producer = _task(
+            stack_settings, endpoints, topic, out, group, FailsOnSeq(out, bad_seq=0, error=ConnectionError)
+        )
         with pytest.raises(ConnectionError):
             task.process(record)
         producer.close()

@@ -304,12 +304,21 @@ def test_a_separate_audio_file_loops_with_the_video(stack_settings, endpoints, t
     for i in range(4):
         Image.new("RGB", (32, 24), (60 * i, 0, 0)).save(folder / f"{i:03d}.jpg")
     frames_topic, audio_topic = new_topics(stack_settings, endpoints, "frames", "audio")
-    options = ProduceOptions(stream_id=_stream("loopwav"), image_fps=1.0, audio_path=_speech_wav(), chunk_ms=1000,
-                             loops=3)
-    report = produce(stack_settings, folder, options, endpoints=endpoints, frames_topic=frames_topic,
-                     audio_topic=audio_topic)
+    options = ProduceOptions(
+        stream_id=_stream("loopwav"), image_fps=1.0, audio_path=_speech_wav(), chunk_ms=1000, loops=3
+    )
+    report = produce(
+        stack_settings,
+        folder,
+        options,
+        endpoints=endpoints,
+        frames_topic=frames_topic,
+        audio_topic=audio_topic,
+    )
     frames = [r for _, r in _read(stack_settings, endpoints, frames_topic, Frame, expected=report.frames)]
-    chunks = [r for _, r in _read(stack_settings, endpoints, audio_topic, AudioChunk, expected=report.audio_chunks)]
+    chunks = [
+        r for _, r in _read(stack_settings, endpoints, audio_topic, AudioChunk, expected=report.audio_chunks)
+    ]
     assert report.frames == 12
     # each pass lasts as long as its 9.96 s of speech: frames at 0-3 s, ~9.96-12.96 s, ~19.93-22.93 s
     assert [round(f.pts_us / 1e6) for f in frames] == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23]
@@ -317,7 +326,7 @@ def test_a_separate_audio_file_loops_with_the_video(stack_settings, endpoints, t
     assert len(samples) / 16_000 == pytest.approx(3 * 9.963, abs=0.05)
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     once = samples[: len(samples) // 3]
-    assert 0.01 < float(np.abs(samples[-len(once):]).mean()) < 0.5  # the last pass has speech too
+    assert 0.01 < float(np.abs(samples[-len(once) :]).mean()) < 0.5  # the last pass has speech too
 
 
 def test_command_line(stack_settings, endpoints, tmp_path) -> None:

@@ -72,9 +72,9 @@ words = st.text(min_size=1, max_size=40).filter(lambda s: s.strip())
 finite = st.floats(allow_nan=False, allow_infinity=False)
 topics = st.text(ALNUM + "._-", min_size=1, max_size=40).filter(lambda s: s not in {".", ".."})
 hashes = tokens(ALNUM, ALNUM + ":._-", 70)
-object_keys = st.just("") | st.lists(
-    tokens(ALNUM + "_-", ALNUM + "._-", 12), min_size=1, max_size=4
-).map("/".join)
+object_keys = st.just("") | st.lists(tokens(ALNUM + "_-", ALNUM + "._-", 12), min_size=1, max_size=4).map(
+    "/".join
+)
 
 
 def jpeg_bytes(draw) -> bytes:
@@ -114,9 +114,7 @@ def audio_chunks(draw) -> AudioChunk:
         payload = draw(st.binary(min_size=2 * n, max_size=2 * n))
     else:
         samples = draw(
-            st.lists(
-                st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=n, max_size=n
-            )
+            st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=n, max_size=n)
         )
         payload = np.array(samples, dtype="<f4").tobytes()
     return AudioChunk(
@@ -179,9 +177,7 @@ def dead_letters(draw) -> DeadLetter:
         source_partition=draw(st.integers(-1, 2**31 - 1)),
         source_offset=draw(st.integers(-1, 2**63 - 1)),
         key=draw(st.none() | st.binary()),
-        reason=draw(
-            tokens("abcdefghijklmnopqrstuvwxyz", "abcdefghijklmnopqrstuvwxyz0123456789_", 30)
-        ),
+        reason=draw(tokens("abcdefghijklmnopqrstuvwxyz", "abcdefghijklmnopqrstuvwxyz0123456789_", 30)),
         detail=draw(st.text(max_size=200)),
         payload_excerpt=excerpt,
         payload_size=len(excerpt) + draw(st.integers(0, 2**40)),
@@ -224,9 +220,7 @@ manifests = st.builds(
     ).map(tuple),
     kv_blocks=st.lists(manifest_blocks(), max_size=5).map(tuple),
     source_offsets=st.lists(
-        st.builds(
-            SourceOffset, topic=topics, partition=st.integers(0, 2**31 - 1), next_offset=counters
-        ),
+        st.builds(SourceOffset, topic=topics, partition=st.integers(0, 2**31 - 1), next_offset=counters),
         max_size=3,
     ).map(tuple),
 )
@@ -309,12 +303,8 @@ MANIFEST = MemoryManifest(
     token_budget=8192,
     total_tokens=300,
     frames=(
-        ManifestFrame(
-            seq=1, pts_us=0, tier="clear", tokens=196, score=0.7, content_hash="sha256:ab12"
-        ),
-        ManifestFrame(
-            seq=2, pts_us=33_333, tier="evicted", tokens=0, score=0.1, content_hash="sha256:cd34"
-        ),
+        ManifestFrame(seq=1, pts_us=0, tier="clear", tokens=196, score=0.7, content_hash="sha256:ab12"),
+        ManifestFrame(seq=2, pts_us=33_333, tier="evicted", tokens=0, score=0.1, content_hash="sha256:cd34"),
     ),
     kv_blocks=(
         ManifestBlock(
@@ -369,8 +359,7 @@ def test_fixed_samples_round_trip(record) -> None:
     # lists come back as tuples of the item dataclasses, not dicts
     for name in type(record).ITEMS:
         assert all(
-            type(item) is type(type(record).ITEMS[name](**row(item)))
-            for item in getattr(decoded, name)
+            type(item) is type(type(record).ITEMS[name](**row(item))) for item in getattr(decoded, name)
         )
 
 
@@ -591,9 +580,7 @@ def versioned_schema(cls, version: bytes) -> pa.Schema:
 
 
 def test_wrong_version() -> None:
-    data = raw_message(
-        Frame, [{**row(FRAME), "schema_version": 2}], schema=versioned_schema(Frame, b"2")
-    )
+    data = raw_message(Frame, [{**row(FRAME), "schema_version": 2}], schema=versioned_schema(Frame, b"2"))
     with pytest.raises(WrongVersion) as info:
         decode(data, Frame)
     err = info.value
@@ -892,9 +879,7 @@ INVALID = [
     (dataclasses.replace(MANIFEST, total_tokens=-1), "total_tokens", ">= 0"),
     (dataclasses.replace(MANIFEST, token_budget=-1), "token_budget", ">= 0"),
     (
-        dataclasses.replace(
-            MANIFEST, frames=(dataclasses.replace(MANIFEST.frames[0], tier="hot"),)
-        ),
+        dataclasses.replace(MANIFEST, frames=(dataclasses.replace(MANIFEST.frames[0], tier="hot"),)),
         "frames[0].tier",
         "not one of clear, evicted, fuzzy",
     ),
@@ -904,37 +889,27 @@ INVALID = [
         ">= 0",
     ),
     (
-        dataclasses.replace(
-            MANIFEST, frames=(dataclasses.replace(MANIFEST.frames[0], content_hash=""),)
-        ),
+        dataclasses.replace(MANIFEST, frames=(dataclasses.replace(MANIFEST.frames[0], content_hash=""),)),
         "frames[0].content_hash",
         "content hash",
     ),
     (
-        dataclasses.replace(
-            MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], tier="ram"),)
-        ),
+        dataclasses.replace(MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], tier="ram"),)),
         "kv_blocks[0].tier",
         "not one of cpu, disk, gpu, object",
     ),
     (
-        dataclasses.replace(
-            MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], key="a/../b"),)
-        ),
+        dataclasses.replace(MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], key="a/../b"),)),
         "kv_blocks[0].key",
         "not a valid object key",
     ),
     (
-        dataclasses.replace(
-            MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], key="/abs"),)
-        ),
+        dataclasses.replace(MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], key="/abs"),)),
         "kv_blocks[0].key",
         "not a valid object key",
     ),
     (
-        dataclasses.replace(
-            MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], end_us=-1),)
-        ),
+        dataclasses.replace(MANIFEST, kv_blocks=(dataclasses.replace(MANIFEST.kv_blocks[0], end_us=-1),)),
         "kv_blocks[0].end_us",
         "before",
     ),
@@ -1091,9 +1066,7 @@ def test_validate_rejects_non_records() -> None:
 
 
 def test_errors_pickle_with_their_details() -> None:
-    data = raw_message(
-        Frame, [{**row(FRAME), "schema_version": 2}], schema=versioned_schema(Frame, b"2")
-    )
+    data = raw_message(Frame, [{**row(FRAME), "schema_version": 2}], schema=versioned_schema(Frame, b"2"))
     with pytest.raises(WrongVersion) as info:
         decode(data, Frame)
     clone = pickle.loads(pickle.dumps(info.value))

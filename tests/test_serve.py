@@ -238,8 +238,12 @@ def test_serve_and_in_process_give_the_same_outputs(serve_cluster, tiny_lm_path)
     lo = local_enc.run_inference([FrameBatch(e_local, x, i) for x, i in batches], local_enc.load_model())
     ro = remote_enc.run_inference([FrameBatch(e_remote, x, i) for x, i in batches], remote_enc.load_model())
     for a, b in zip(lo, ro, strict=True):
-        assert_reordered_close(a.inference["patch_tokens"], b.inference["patch_tokens"], **DINOV2)  # a replica may run other threads
-        assert_reordered_close(a.inference["pooled"], b.inference["pooled"], **DINOV2)  # a replica may run other threads
+        assert_reordered_close(
+            a.inference["patch_tokens"], b.inference["patch_tokens"], **DINOV2
+        )  # a replica may run other threads
+        assert_reordered_close(
+            a.inference["pooled"], b.inference["pooled"], **DINOV2
+        )  # a replica may run other threads
         assert a.inference["grid"] == b.inference["grid"]
 
 
@@ -279,7 +283,9 @@ def test_a_killed_replica_is_replaced_and_the_stream_recovered(serve_cluster, ti
     whole = EncoderStage(enc_config())
     exp = [whole.encode("ref", f[:4], 0), whole.encode("ref", f[4:7], 4), whole.encode("ref", f[7:], 7)]
     for got, want in zip([*first, *rest], exp, strict=True):
-        assert_reordered_close(got.inference["patch_tokens"], want["patch_tokens"], **DINOV2)  # a replica may run other threads
+        assert_reordered_close(
+            got.inference["patch_tokens"], want["patch_tokens"], **DINOV2
+        )  # a replica may run other threads
     # Serve replaced the dead replicas: calls land on live ones, none of them the killed actors.
     import time
 

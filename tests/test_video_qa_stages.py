@@ -93,11 +93,20 @@ def _stream_records(router: Router, media, stream_id: str, epoch_ms: int) -> lis
         items.append((pts, router.topics.frames, encode(frame)))
     samples = read_wav(media.audio_path)
     for seq, start in enumerate(range(0, len(samples), 16_000)):
-        chunk = AudioChunk(stream_id=stream_id, seq=seq, pts_us=seq * 1_000_000, sample_rate=16_000, channels=1,
-                           sample_format="f32le", payload=samples[start : start + 16_000].astype("<f4").tobytes())
+        chunk = AudioChunk(
+            stream_id=stream_id,
+            seq=seq,
+            pts_us=seq * 1_000_000,
+            sample_rate=16_000,
+            channels=1,
+            sample_format="f32le",
+            payload=samples[start : start + 16_000].astype("<f4").tobytes(),
+        )
         items.append((seq * 1_000_000, router.topics.audio, encode(chunk)))
     items.sort(key=lambda x: (x[0], x[1] != router.topics.audio))
-    return [router.record(topic, stream_id.encode(), value, epoch_ms + pts // 1000) for pts, topic, value in items]
+    return [
+        router.record(topic, stream_id.encode(), value, epoch_ms + pts // 1000) for pts, topic, value in items
+    ]
 
 
 def test_stages_answer_from_the_right_utterance_and_scene(stack_settings, media) -> None:
@@ -111,26 +120,51 @@ def test_stages_answer_from_the_right_utterance_and_scene(stack_settings, media)
     # every question is published up front; the memory stage holds each until its time
     for i, q in enumerate(media.questions):
         image = media.images.get(i)
-        query = Query(query_id=f"{sid}-q{i}", stream_id=sid, text=q.text, asked_at_us=epoch_ms * 1000 + int(q.at_s * 1e6),
-                      image=image, image_codec="jpeg" if image else None)
+        query = Query(
+            query_id=f"{sid}-q{i}",
+            stream_id=sid,
+            text=q.text,
+            asked_at_us=epoch_ms * 1000 + int(q.at_s * 1e6),
+            image=image,
+            image_codec="jpeg" if image else None,
+        )
         router.feed(router.record(router.topics.queries, sid.encode(), encode(query), epoch_ms))
     # asked while the last utterance (31-43.5 s) goes on: answered without waiting for its end
     mid_s, (talk_from, talk_to) = 37.0, (media.utterances[-1][0], media.utterances[-1][1])
     assert talk_from < mid_s < talk_to
-    mid = Query(query_id=f"{sid}-mid", stream_id=sid, text="What was said?", asked_at_us=epoch_ms * 1000 + int(mid_s * 1e6))
+    mid = Query(
+        query_id=f"{sid}-mid",
+        stream_id=sid,
+        text="What was said?",
+        asked_at_us=epoch_ms * 1000 + int(mid_s * 1e6),
+    )
     router.feed(router.record(router.topics.queries, sid.encode(), encode(mid), epoch_ms))
     assert router.answers == []  # nothing seen yet: all held
-    bad = dataclasses.replace(decode(records[0].value, Frame) if records[0].topic == router.topics.frames
-                              else decode(records[1].value, Frame), seq=10_000)
+    bad = dataclasses.replace(
+        decode(records[0].value, Frame)
+        if records[0].topic == router.topics.frames
+        else decode(records[1].value, Frame),
+        seq=10_000,
+    )
     answered_at = {}
     for record in records:
         router.feed(record)
         for a in router.answers:
-            answered_at.setdefault(a.query_id, decode(record.value, Frame).pts_us if record.topic == router.topics.frames
-                                   else decode(record.value, AudioChunk).pts_us)
+            answered_at.setdefault(
+                a.query_id,
+                decode(record.value, Frame).pts_us
+                if record.topic == router.topics.frames
+                else decode(record.value, AudioChunk).pts_us,
+            )
     with pytest.raises(SchemaError):  # a frame whose JPEG is garbage is refused (the task dead-letters it)
-        router.feed(router.record(router.topics.frames, sid.encode(),
-                                  encode(dataclasses.replace(bad, payload=b"\xff\xd8garbage\xff\xd9")), epoch_ms))
+        router.feed(
+            router.record(
+                router.topics.frames,
+                sid.encode(),
+                encode(dataclasses.replace(bad, payload=b"\xff\xd8garbage\xff\xd9")),
+                epoch_ms,
+            )
+        )
     router.tick(int(time.time() * 1e6) + 10_000_000)  # the last question waits for the stream's end
     by_id = {a.query_id: a for a in router.answers}
     assert sorted(by_id) == sorted([*(f"{sid}-q{i}" for i in range(len(media.questions))), f"{sid}-mid"])
@@ -150,20 +184,27 @@ def test_stages_answer_from_the_right_utterance_and_scene(stack_settings, media)
         assert stages[0] == "wait" and stages[-1] == "total"
         if i in answered_at:  # held until the stream reached the question's time, not answered before
             assert answered_at[f"{sid}-q{i}"] >= int(q.at_s * 1e6) - 1_000_000
-    notes = [decode(n.value, VisualNote) for n in router.notes if b"/frame/" in dict(n.headers)["streamvqa-id"]]
+    notes = [
+        decode(n.value, VisualNote) for n in router.notes if b"/frame/" in dict(n.headers)["streamvqa-id"]
+    ]
     assert len(notes) == len(list(media.frames_dir.glob("*.jpg")))
     assert {n.tier for n in notes} == {"clear", "fuzzy"}
     store = connect.object_store(settings, connect.resolve_endpoints(settings))
     keyframes = [n.keyframe_key for n in notes if n.keyframe_key]
     assert keyframes and all(store.get(k)[:2] == b"\xff\xd8" for k in keyframes)
-    speech = [decode(n.value, SpeechNote) for n in router.notes if b"/speech/" in dict(n.headers)["streamvqa-id"]]
+    speech = [
+        decode(n.value, SpeechNote) for n in router.notes if b"/speech/" in dict(n.headers)["streamvqa-id"]
+    ]
     assert any("america" in s.text.lower() for s in speech)
-    marks = [decode(n.value, SpeechNote) for n in router.notes if b"/heard/" in dict(n.headers)["streamvqa-id"]]
+    marks = [
+        decode(n.value, SpeechNote) for n in router.notes if b"/heard/" in dict(n.headers)["streamvqa-id"]
+    ]
     during = [m for m in marks if m.open_since_us is not None]  # marks sent while someone spoke
     assert during and all(m.text == "" and m.start_us <= m.open_since_us <= m.end_us for m in during)
     # during the last utterance: marks that say speech is open since some point of it
-    assert any(talk_from * 1e6 - 500_000 <= m.open_since_us < m.end_us <= talk_to * 1e6 + 1_000_000 for m in during), \
-        [(m.open_since_us, m.end_us) for m in during]
+    assert any(
+        talk_from * 1e6 - 500_000 <= m.open_since_us < m.end_us <= talk_to * 1e6 + 1_000_000 for m in during
+    ), [(m.open_since_us, m.end_us) for m in during]
 
 
 def test_match_spans_are_runs_best_first() -> None:
@@ -192,7 +233,9 @@ def test_frame_stage_after_restarts_equals_an_uninterrupted_run(stack_settings, 
     sid = f"restart-{uuid.uuid4().hex[:6]}"
     router = Router.__new__(Router)
     router.offsets, router.topics = {}, stack_settings.topics
-    records = [r for r in _stream_records(router, media, sid, 1_700_000_000_000) if r.topic == router.topics.frames][:24]
+    records = [
+        r for r in _stream_records(router, media, sid, 1_700_000_000_000) if r.topic == router.topics.frames
+    ][:24]
 
     def run(restart_at: set[int]) -> list[VisualNote]:
         stage = factories.frames()

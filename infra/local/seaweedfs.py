@@ -76,8 +76,14 @@ class SeaweedPorts:
 
     def as_list(self) -> list[int]:
         return [
-            self.master, self.master_grpc, self.volume, self.volume_grpc,
-            self.filer, self.filer_grpc, self.s3, self.s3_grpc,
+            self.master,
+            self.master_grpc,
+            self.volume,
+            self.volume_grpc,
+            self.filer,
+            self.filer_grpc,
+            self.s3,
+            self.s3_grpc,
         ]
 
 
@@ -208,10 +214,12 @@ def write_grpc_certs(data_dir: Path) -> GrpcCerts:
     not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=3650)
 
     def name(common_name: str) -> x509.Name:
-        return x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "streamvqa local stack"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ])
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "streamvqa local stack"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
 
     def pem(cert: x509.Certificate) -> str:
         return cert.public_bytes(serialization.Encoding.PEM).decode()
@@ -229,9 +237,15 @@ def write_grpc_certs(data_dir: Path) -> GrpcCerts:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -240,7 +254,9 @@ def write_grpc_certs(data_dir: Path) -> GrpcCerts:
     )
     certs = GrpcCerts(ca=folder / "ca.crt", pairs={})
     _write_private(certs.ca, pem(ca_cert))
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))])
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]
+    )
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     for component in GRPC_TLS_COMPONENTS:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -255,9 +271,15 @@ def write_grpc_certs(data_dir: Path) -> GrpcCerts:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -332,9 +354,7 @@ def command(data_dir: Path, ports: SeaweedPorts, creds: S3Credentials) -> list[s
                 "identities": [
                     {
                         "name": "streamvqa",
-                        "credentials": [
-                            {"accessKey": creds.access_key, "secretKey": creds.secret_key}
-                        ],
+                        "credentials": [{"accessKey": creds.access_key, "secretKey": creds.secret_key}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                     }
                 ]

@@ -90,7 +90,11 @@ class LocalStack:
         previous = read_state(self.dir)
         timeout = self.settings.local.start_timeout_s
 
-        if previous is not None and self.broker.running_pid() is not None and previous.broker_storage != storage:
+        if (
+            previous is not None
+            and self.broker.running_pid() is not None
+            and previous.broker_storage != storage
+        ):
             raise StackError(
                 f"the broker is running with {previous.broker_storage}:// storage; "
                 f"run `streamvqa services down` before switching to {storage}://"
@@ -117,7 +121,9 @@ class LocalStack:
         if self.broker.running_pid() is None:
             if storage == "s3":
                 url = f"s3://{BROKER_BUCKET}/"
-                env = tansu.environment(endpoint.endpoint, endpoint.access_key, endpoint.secret_key, endpoint.region)
+                env = tansu.environment(
+                    endpoint.endpoint, endpoint.access_key, endpoint.secret_key, endpoint.region
+                )
             else:
                 url = "memory://tansu/"
                 env = tansu.environment()
@@ -192,7 +198,6 @@ class LocalStack:
         if previous is not None and port_is_free(previous.broker_port):
             return previous.broker_port
         return free_ports(1)[0]
-
 
     def _write_state(self, state: StackState) -> None:
         tmp = self.dir / (STATE_FILE + ".tmp")

@@ -33,10 +33,14 @@ def command(port: int, storage_url: str) -> list[str]:
     return [
         str(tansu_binary()),
         "broker",
-        "--cluster-id", "streamvqa-local",
-        "--listener-url", url,
-        "--advertised-listener-url", url,
-        "--storage-engine", storage_url,
+        "--cluster-id",
+        "streamvqa-local",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        storage_url,
     ]
 
 

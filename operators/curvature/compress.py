@@ -81,7 +81,9 @@ class PoolCompressor:
         rb, cb = _bins(gh, self.rows), _bins(gw, self.cols)
         if gh % self.rows == 0 and gw % self.cols == 0:  # even bins: one reshape-mean
             pooled = x.reshape(self.rows, gh // self.rows, self.cols, gw // self.cols, -1).mean(axis=(1, 3))
-            pos = np.array([((r0 + r1) / 2.0, (c0 + c1) / 2.0) for r0, r1 in rb for c0, c1 in cb], dtype=np.float32)
+            pos = np.array(
+                [((r0 + r1) / 2.0, (c0 + c1) / 2.0) for r0, r1 in rb for c0, c1 in cb], dtype=np.float32
+            )
             return TokenBlock(pooled.reshape(self.rows * self.cols, -1).astype(dtype, copy=False), pos)
         out = np.empty((self.rows * self.cols, x.shape[-1]), dtype=np.float32)
         pos = np.empty((self.rows * self.cols, 2), dtype=np.float32)

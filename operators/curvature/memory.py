@@ -82,7 +82,9 @@ class MemoryState:
     fuzzy_tokens: int = 0
     payloads: dict[int, TokenBlock] = field(default_factory=dict)  # seq -> tokens (keep_tokens only)
     grid: tuple[int, int] | None = None
-    counts: dict[str, int] = field(default_factory=lambda: {"admit": 0, "downgrade": 0, "evict": 0, "merge": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"admit": 0, "downgrade": 0, "evict": 0, "merge": 0}
+    )
 
     @property
     def total_tokens(self) -> int:
@@ -136,7 +138,10 @@ def _columns(entries: list[Entry]) -> dict:
 def _entries(cols: dict, tier: Tier) -> list[Entry]:
     ints, scores = cols["ints"].tolist(), cols["score"].tolist()
     hashes = cols["hash"] or [""] * len(ints)
-    return [Entry(i[0], i[1], i[2], i[3], tier, i[4], sc, i[5], h) for i, sc, h in zip(ints, scores, hashes, strict=True)]
+    return [
+        Entry(i[0], i[1], i[2], i[3], tier, i[4], sc, i[5], h)
+        for i, sc, h in zip(ints, scores, hashes, strict=True)
+    ]
 
 
 def _seq_key(e: Entry) -> int:
@@ -146,15 +151,22 @@ def _seq_key(e: Entry) -> int:
 class HierarchicalMemory:
     """The budget policy over a :class:`MemoryState` (the state is passed in and updated in place)."""
 
-    def __init__(self, policy: MemoryPolicy, compressor: Compressor, keep_tokens: bool = False,
-                 payload_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        policy: MemoryPolicy,
+        compressor: Compressor,
+        keep_tokens: bool = False,
+        payload_dtype: str = "float32",
+    ) -> None:
         self.policy = policy
         self.compressor = compressor
         self.keep_tokens = keep_tokens
         self.dtype = np.dtype(payload_dtype)
 
     # -- payloads -------------------------------------------------------------------------------
-    def validate(self, state: MemoryState, tokens: np.ndarray | None, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+    def validate(
+        self, state: MemoryState, tokens: np.ndarray | None, grid: tuple[int, int] | None
+    ) -> tuple[int, int] | None:
         """Check a frame's payload against this memory without changing anything; returns its grid."""
         if not self.keep_tokens:
             return None
@@ -164,7 +176,10 @@ class HierarchicalMemory:
             raise ValueError("frames with tokens need their patch grid")
         grid = (int(grid[0]), int(grid[1]))
         if state.grid is None:
-            if self.compressor.n_tokens(grid) != self.policy.fuzzy_cost or grid[0] * grid[1] != self.policy.clear_cost:
+            if (
+                self.compressor.n_tokens(grid) != self.policy.fuzzy_cost
+                or grid[0] * grid[1] != self.policy.clear_cost
+            ):
                 raise ValueError(f"a {grid[0]}x{grid[1]} grid does not match the configured token costs")
         elif state.grid != grid:
             raise ValueError(f"patch grid changed from {state.grid} to {grid}")
@@ -192,8 +207,11 @@ class HierarchicalMemory:
         state.fuzzy_tokens += p.fuzzy_cost
         state.counts["downgrade"] += 1
         payload = self._downgrade_payload(state, e.seq)
-        events.append(MemoryEvent(step, "downgrade", e.seq, "fuzzy", p.fuzzy_cost, p.fuzzy_cost - p.clear_cost,
-                                  payload=payload))
+        events.append(
+            MemoryEvent(
+                step, "downgrade", e.seq, "fuzzy", p.fuzzy_cost, p.fuzzy_cost - p.clear_cost, payload=payload
+            )
+        )
 
     def _merge_pair(self, state: MemoryState) -> int | None:
         """Index i of the fuzzy pair (i, i+1) to merge, or None if no pair may merge.
@@ -223,16 +241,27 @@ class HierarchicalMemory:
             keep, gone = state.fuzzy[i], state.fuzzy.pop(i + 1)
             payload = None
             if self.keep_tokens:
-                payload = self.compressor.merge(state.payloads[keep.seq], keep.frames,
-                                                state.payloads.pop(gone.seq), gone.frames)
+                payload = self.compressor.merge(
+                    state.payloads[keep.seq], keep.frames, state.payloads.pop(gone.seq), gone.frames
+                )
                 state.payloads[keep.seq] = payload
             keep.last_seq, keep.last_pts_us = gone.last_seq, gone.last_pts_us
             keep.frames += gone.frames
             keep.score = max(keep.score, gone.score)
             state.fuzzy_tokens -= gone.tokens
             state.counts["merge"] += 1
-            events.append(MemoryEvent(step, "merge", gone.seq, "fuzzy", keep.tokens, -gone.tokens, into=keep.seq,
-                                      payload=payload))
+            events.append(
+                MemoryEvent(
+                    step,
+                    "merge",
+                    gone.seq,
+                    "fuzzy",
+                    keep.tokens,
+                    -gone.tokens,
+                    into=keep.seq,
+                    payload=payload,
+                )
+            )
             return
         old = state.fuzzy.pop(0)
         state.fuzzy_tokens -= old.tokens
@@ -240,9 +269,18 @@ class HierarchicalMemory:
         state.counts["evict"] += 1
         events.append(MemoryEvent(step, "evict", old.seq, "evicted", 0, -old.tokens))
 
-    def admit(self, state: MemoryState, *, seq: int, pts_us: int, tier: Tier, score: float,
-              tokens: np.ndarray | None = None, grid: tuple[int, int] | None = None,
-              content_hash: str = "") -> tuple[int, list[MemoryEvent]]:
+    def admit(
+        self,
+        state: MemoryState,
+        *,
+        seq: int,
+        pts_us: int,
+        tier: Tier,
+        score: float,
+        tokens: np.ndarray | None = None,
+        grid: tuple[int, int] | None = None,
+        content_hash: str = "",
+    ) -> tuple[int, list[MemoryEvent]]:
         """Add one frame; returns (tokens charged, events). Never leaves the total above the budget."""
         p = self.policy
         events: list[MemoryEvent] = []

@@ -73,7 +73,9 @@ class CurveStreamConfig:
         if self.grid[0] * self.grid[1] != self.clear_tokens:
             raise ValueError(f"clear_tokens ({self.clear_tokens}) must equal the patch grid {self.grid}")
         self.policy()  # validates the budget split
-        KSigmaThreshold(self.k, self.min_samples, self.std_floor, RollingStats(self.window), self.clip_outliers)
+        KSigmaThreshold(
+            self.k, self.min_samples, self.std_floor, RollingStats(self.window), self.clip_outliers
+        )
 
     @property
     def fuzzy_tokens(self) -> int:
@@ -130,8 +132,13 @@ class CurveStreamState:
             "version": STATE_VERSION,
             "config": self.config_fingerprint,
             "scores": self.scores.to_dict(),
-            "threshold": {"k": t.k, "min_samples": t.min_samples, "std_floor": t.std_floor,
-                          "clip": t.clip, "stats": t.stats.to_dict()},
+            "threshold": {
+                "k": t.k,
+                "min_samples": t.min_samples,
+                "std_floor": t.std_floor,
+                "clip": t.clip,
+                "stats": t.stats.to_dict(),
+            },
             "memory": self.memory.to_dict(),
             "last_seq": self.last_seq,
             "frames": self.frames,
@@ -147,8 +154,13 @@ class CurveStreamState:
         return cls(
             config_fingerprint=d["config"],
             scores=ScoreState.from_dict(d["scores"]),
-            threshold=KSigmaThreshold(float(t["k"]), int(t["min_samples"]), float(t["std_floor"]),
-                                      RollingStats.from_dict(t["stats"]), bool(t["clip"])),
+            threshold=KSigmaThreshold(
+                float(t["k"]),
+                int(t["min_samples"]),
+                float(t["std_floor"]),
+                RollingStats.from_dict(t["stats"]),
+                bool(t["clip"]),
+            ),
             memory=MemoryState.from_dict(d["memory"]),
             last_seq=d["last_seq"],
             frames=int(d["frames"]),
@@ -174,15 +186,19 @@ class CurveStream:
         self.config = config or CurveStreamConfig()
         self.fingerprint = self.config.fingerprint()
         self.memory = HierarchicalMemory(
-            self.config.policy(), make_compressor(self.config.fuzzy),
-            keep_tokens=self.config.keep_tokens, payload_dtype=self.config.payload_dtype,
+            self.config.policy(),
+            make_compressor(self.config.fuzzy),
+            keep_tokens=self.config.keep_tokens,
+            payload_dtype=self.config.payload_dtype,
         )
 
     def init_state(self) -> CurveStreamState:
         c = self.config
         return CurveStreamState(
             config_fingerprint=self.fingerprint,
-            threshold=KSigmaThreshold(c.k, c.min_samples, c.std_floor, RollingStats(c.window), c.clip_outliers),
+            threshold=KSigmaThreshold(
+                c.k, c.min_samples, c.std_floor, RollingStats(c.window), c.clip_outliers
+            ),
         )
 
     def restore(self, data: bytes) -> CurveStreamState:
@@ -223,16 +239,29 @@ class CurveStream:
         if not math.isnan(score):
             th.push(score)
         charged, events = self.memory.admit(
-            state.memory, seq=frame.seq, pts_us=frame.pts_us, tier=tier,
+            state.memory,
+            seq=frame.seq,
+            pts_us=frame.pts_us,
+            tier=tier,
             score=score if not math.isnan(score) else 0.0,
-            tokens=frame.tokens, grid=frame.grid, content_hash=frame.content_hash,
+            tokens=frame.tokens,
+            grid=frame.grid,
+            content_hash=frame.content_hash,
         )
         state.last_seq = frame.seq
         state.frames += 1
         state.routed[tier] += 1
         decision = Decision(
-            seq=frame.seq, pts_us=frame.pts_us, score=score, threshold=threshold, mean=mean, std=std,
-            tier=tier, reason=reason, tokens=charged, memory_tokens=state.memory.total_tokens,
+            seq=frame.seq,
+            pts_us=frame.pts_us,
+            score=score,
+            threshold=threshold,
+            mean=mean,
+            std=std,
+            tier=tier,
+            reason=reason,
+            tokens=charged,
+            memory_tokens=state.memory.total_tokens,
             clear_tokens=state.memory.clear_tokens,
         )
         return StepOutput(decision, tuple(events))
@@ -243,7 +272,9 @@ class CurveStream:
         return state, [self.step(state, f) for f in frames]
 
 
-def frames_from_features(features: np.ndarray, pts_us: np.ndarray | None = None, start_seq: int = 0) -> list[FrameInput]:
+def frames_from_features(
+    features: np.ndarray, pts_us: np.ndarray | None = None, start_seq: int = 0
+) -> list[FrameInput]:
     """FrameInputs for (T, D) features (index mode), pts defaulting to 0.5 s apart."""
     features = np.asarray(features)
     if pts_us is None:

@@ -93,8 +93,15 @@ class MemoryEvent:
     payload: TokenBlock | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "kind": self.kind, "seq": self.seq, "tier": self.tier,
-                "tokens": self.tokens, "delta": self.delta, "into": self.into}
+        return {
+            "step": self.step,
+            "kind": self.kind,
+            "seq": self.seq,
+            "tier": self.tier,
+            "tokens": self.tokens,
+            "delta": self.delta,
+            "into": self.into,
+        }
 
 
 @dataclass(frozen=True)

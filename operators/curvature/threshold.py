@@ -73,8 +73,11 @@ class RollingStats:
             self.replaced += 1
             # Exact recomputation every window, and at once when the error bound stops being small
             # next to the values themselves (a window leaving a regime of huge values, say).
-            if (self.replaced >= w or self.err_m2 > _REL * self.m2
-                    or self.err_mean > _REL * (abs(self.mean) + math.sqrt(max(self.m2, 0.0) / w))):
+            if (
+                self.replaced >= w
+                or self.err_m2 > _REL * self.m2
+                or self.err_mean > _REL * (abs(self.mean) + math.sqrt(max(self.m2, 0.0) / w))
+            ):
                 self._recompute()
         if self.m2 < 0.0:
             self.m2 = 0.0
@@ -100,15 +103,30 @@ class RollingStats:
         return self.buf[self.head :] + self.buf[: self.head]
 
     def to_dict(self) -> dict:
-        return {"window": self.window, "buf": list(self.buf), "head": self.head, "n": self.n,
-                "mean": self.mean, "m2": self.m2, "replaced": self.replaced,
-                "err": [self.err_mean, self.err_m2]}
+        return {
+            "window": self.window,
+            "buf": list(self.buf),
+            "head": self.head,
+            "n": self.n,
+            "mean": self.mean,
+            "m2": self.m2,
+            "replaced": self.replaced,
+            "err": [self.err_mean, self.err_m2],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> RollingStats:
-        return cls(window=d["window"], buf=[float(v) for v in d["buf"]], head=int(d["head"]), n=int(d["n"]),
-                   mean=float(d["mean"]), m2=float(d["m2"]), replaced=int(d["replaced"]),
-                   err_mean=float(d["err"][0]), err_m2=float(d["err"][1]))
+        return cls(
+            window=d["window"],
+            buf=[float(v) for v in d["buf"]],
+            head=int(d["head"]),
+            n=int(d["n"]),
+            mean=float(d["mean"]),
+            m2=float(d["m2"]),
+            replaced=int(d["replaced"]),
+            err_mean=float(d["err"][0]),
+            err_m2=float(d["err"][1]),
+        )
 
 
 @dataclass
@@ -125,7 +143,9 @@ class KSigmaThreshold:
         if self.min_samples < 1:
             raise ValueError("min_samples must be >= 1")
         if self.stats.window is not None and self.min_samples > self.stats.window:
-            raise ValueError(f"min_samples ({self.min_samples}) cannot exceed the window ({self.stats.window})")
+            raise ValueError(
+                f"min_samples ({self.min_samples}) cannot exceed the window ({self.stats.window})"
+            )
         if self.std_floor < 0:
             raise ValueError("std_floor must be >= 0")
 

@@ -78,7 +78,6 @@ class TickingProcessor(StreamProcessor, Protocol):
     def tick(self, state: Any, now_us: int) -> tuple[Any, list[Output]]: ...
 
 
-
 class UnscopedOutput(TypeError):
     """A processor wrote an output whose identity does not name the stream it came from."""
 
@@ -87,9 +86,12 @@ def _scoped(output: Output, stream_id: str, stage: str) -> Output:
     """The ledger suppresses a repeated identity across the topic's partitions: an identity that
     did not name its stream could suppress another stream's output after a restart."""
     if not is_scoped(output.identity, stream_id):
-        raise UnscopedOutput(f"the {stage} stage wrote output {output.identity!r} for stream {stream_id!r}: "
-                             "identities must start with the stream id (records.scoped_id)")
+        raise UnscopedOutput(
+            f"the {stage} stage wrote output {output.identity!r} for stream {stream_id!r}: "
+            "identities must start with the stream id (records.scoped_id)"
+        )
     return output
+
 
 @dataclass
 class _Slot:
@@ -122,8 +124,11 @@ class Progress:
 
     def to_bytes(self) -> bytes:
         return json.dumps(
-            {"generation": self.generation, "next_offset": self.next_offset,
-             "outputs": {t: {str(p): o for p, o in parts.items()} for t, parts in self.outputs.items()}},
+            {
+                "generation": self.generation,
+                "next_offset": self.next_offset,
+                "outputs": {t: {str(p): o for p, o in parts.items()} for t, parts in self.outputs.items()},
+            },
             sort_keys=True,
         ).encode()
 
@@ -131,7 +136,8 @@ class Progress:
     def from_bytes(cls, data: bytes) -> Progress:
         raw = json.loads(data)
         return cls(
-            int(raw["generation"]), int(raw["next_offset"]),
+            int(raw["generation"]),
+            int(raw["next_offset"]),
             {t: {int(p): int(o) for p, o in parts.items()} for t, parts in raw.get("outputs", {}).items()},
         )
 
@@ -235,7 +241,9 @@ class PartitionTask:
         self._failures[record.offset] = entry
 
     def recover_ledger(
-        self, consumer_factory, output_topics: list[str],
+        self,
+        consumer_factory,
+        output_topics: list[str],
         ends: Callable[[], OutputPositions] | None = None,
     ) -> int:
         """Call once, before ``process``. A task that committed before suppresses the outputs
@@ -258,7 +266,7 @@ class PartitionTask:
         for w in written:
             if w.source is None or not w.source.startswith(prefix):
                 continue  # another task's output (or one written before sources were named)
-            rest = w.source[len(prefix):]
+            rest = w.source[len(prefix) :]
             tick = rest.startswith(b"t")
             at, _, stream = (rest[1:] if tick else rest).partition(b"/")
             try:
@@ -266,11 +274,24 @@ class PartitionTask:
             except ValueError:
                 continue
             self._held[(w.topic, w.identity)] = _Held(
-                source, tick, w.topic, w.partition, w.offset, stream.decode(errors="replace") if stream else None)
+                source,
+                tick,
+                w.topic,
+                w.partition,
+                w.offset,
+                stream.decode(errors="replace") if stream else None,
+            )
 
     def _send(self, output: Output, source: str) -> None:
-        self.producer.send(Output(output.topic, output.key, output.value,
-                                  (*output.headers, (SOURCE_HEADER, source.encode())), output.partition_key))
+        self.producer.send(
+            Output(
+                output.topic,
+                output.key,
+                output.value,
+                (*output.headers, (SOURCE_HEADER, source.encode())),
+                output.partition_key,
+            )
+        )
         if self._held:
             self._held.pop((output.topic, output.identity), None)
 
@@ -281,8 +302,11 @@ class PartitionTask:
         only by a tick that gave its stream a turn (the stream's state is loaded)."""
         if self._held:
             self._held = {
-                k: h for k, h in self._held.items()
-                if h.tick != tick or h.source > upto or (tick and h.stream is not None and h.stream not in self._slots)
+                k: h
+                for k, h in self._held.items()
+                if h.tick != tick
+                or h.source > upto
+                or (tick and h.stream is not None and h.stream not in self._slots)
             }
 
     def _held_positions(self, positions: OutputPositions) -> OutputPositions:
@@ -371,8 +395,10 @@ class PartitionTask:
             slot.state, slot.dirty = state, True
             changed += 1
             for output in outputs:
-                self._send(_scoped(output, stream_id, self.processor.name),
-                           f"{self.topic}/{self.partition}/t{position}/{stream_id}")
+                self._send(
+                    _scoped(output, stream_id, self.processor.name),
+                    f"{self.topic}/{self.partition}/t{position}/{stream_id}",
+                )
         # the same states (or later ones) at a later time give what the killed run's tick here gave
         self._release(position, tick=True)
         if changed:
@@ -396,8 +422,12 @@ class PartitionTask:
 
     def _dead_letter(self, record: KafkaRecord, error: SchemaError) -> None:
         letter = make_dead_letter(
-            error, source_topic=record.topic, source_partition=record.partition,
-            source_offset=record.offset, payload=record.value, key=record.key,
+            error,
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+            payload=record.value,
+            key=record.key,
         )
         key = f"{record.topic}/{record.partition}/{record.offset}"
         self._send(Output(self.dead_letter_topic, key.encode(), encode(letter)), key)
@@ -520,11 +550,17 @@ class ExactlyOnceDoFn(beam.DoFn):
         c = self.config
         self._producer = OutputProducer(
             KafkaProducer(
-                **c.kafka, acks="all", enable_idempotence=True, linger_ms=5, batch_size=1 << 20,
+                **c.kafka,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                batch_size=1 << 20,
                 max_request_size=c.max_message_bytes + 65536,
             )
         )
-        self._committer = OffsetCommitter(KafkaConsumer(**c.kafka, group_id=c.group, enable_auto_commit=False))
+        self._committer = OffsetCommitter(
+            KafkaConsumer(**c.kafka, group_id=c.group, enable_auto_commit=False)
+        )
         self._store = ObjectStore(c.s3, c.bucket)
         self._ends: tuple[float, OutputPositions] | None = None
         self._processors: dict[str | None, tuple[StreamProcessor, SnapshotStore]] = {}
@@ -536,7 +572,8 @@ class ExactlyOnceDoFn(beam.DoFn):
         for topic, factory in factories.items():
             processor = factory()
             self._processors[topic] = (
-                processor, SnapshotStore(self._store, snapshot_namespace(c.group, processor.name))
+                processor,
+                SnapshotStore(self._store, snapshot_namespace(c.group, processor.name)),
             )
         names = [p.name for p, _ in self._processors.values()]
         if len(set(names)) != len(names):
@@ -552,9 +589,13 @@ class ExactlyOnceDoFn(beam.DoFn):
     def _reader(self):
         from kafka import KafkaConsumer
 
-        return KafkaConsumer(**self.config.kafka, group_id=None, enable_auto_commit=False,
-                             fetch_max_wait_ms=20,
-                             max_partition_fetch_bytes=self.config.max_message_bytes + 65536)
+        return KafkaConsumer(
+            **self.config.kafka,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+            max_partition_fetch_bytes=self.config.max_message_bytes + 65536,
+        )
 
     def _task(self, topic: str, partition: int) -> PartitionTask:
         key = (topic, partition)
@@ -562,9 +603,17 @@ class ExactlyOnceDoFn(beam.DoFn):
         if task is None:
             processor, snapshots = self._processor_for(topic)
             task = PartitionTask(
-                topic, partition, processor, snapshots, self._store,
-                self.config.group, self._producer, self._committer, self.config.dead_letter_topic,
-                self.config.commit_every, self.config.commit_interval_s,
+                topic,
+                partition,
+                processor,
+                snapshots,
+                self._store,
+                self.config.group,
+                self._producer,
+                self._committer,
+                self.config.dead_letter_topic,
+                self.config.commit_every,
+                self.config.commit_interval_s,
             )
             found = task.recover_ledger(self._reader, self._output_topics(), self._first_run_ends)
             if found:

@@ -64,7 +64,10 @@ class OutputProducer:
             self.suppressed += 1
             return False
         future = self._producer.send(
-            output.topic, key=output.key, value=output.value, headers=list(output.headers),
+            output.topic,
+            key=output.key,
+            value=output.value,
+            headers=list(output.headers),
             partition=self._partition(output),
         )
         self._pending.append((future, output.topic, output.key))
@@ -122,8 +125,15 @@ class OutputProducer:
                 identity = output_identity(message.key, message.headers)
                 if identity is not None:
                     self._suppress.add((tp.topic, identity))
-                    found.append(Written(tp.topic, tp.partition, message.offset, identity,
-                                         header(message.headers, SOURCE_HEADER)))
+                    found.append(
+                        Written(
+                            tp.topic,
+                            tp.partition,
+                            message.offset,
+                            identity,
+                            header(message.headers, SOURCE_HEADER),
+                        )
+                    )
 
         _scan(consumer_factory, topics, since, collect)
         return found
@@ -152,8 +162,11 @@ def _scan(consumer_factory, topics: list[str], since: OutputPositions | None, on
     only learn the high watermarks, into ``ends``)."""
     consumer = consumer_factory()
     try:
-        partitions = [TopicPartition(topic, p) for topic in topics
-                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
         if not partitions:
             return
         consumer.assign(partitions)

@@ -235,9 +235,7 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
         if self.config.batch:
             stamp = Timestamp.of(max(r.timestamp_ms for r in records) / 1000.0)
             self._advance(watermark, stamp)
-            yield TimestampedValue(
-                KafkaBatch(records[0].topic, records[0].partition, tuple(records)), stamp
-            )
+            yield TimestampedValue(KafkaBatch(records[0].topic, records[0].partition, tuple(records)), stamp)
             return
         for record in records:
             stamp = Timestamp.of(record.timestamp_ms / 1000.0)

@@ -45,8 +45,12 @@ class DecodeOrDeadLetter(beam.DoFn):
             yield decode(record.value, self.record_type, self.limits)
         except SchemaError as err:
             letter = make_dead_letter(
-                err, source_topic=record.topic, source_partition=record.partition,
-                source_offset=record.offset, payload=record.value, key=record.key,
+                err,
+                source_topic=record.topic,
+                source_partition=record.partition,
+                source_offset=record.offset,
+                payload=record.value,
+                key=record.key,
             )
             key = f"{record.topic}/{record.partition}/{record.offset}".encode()
             yield pvalue.TaggedOutput(DEAD_LETTER, Output(self.dead_letter_topic, key, encode(letter)))
@@ -61,10 +65,15 @@ class _WriteFn(beam.DoFn):
     def setup(self) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
-        self._producer = OutputProducer(KafkaProducer(
-            **self.kafka, acks="all", enable_idempotence=True, linger_ms=5,
-            max_request_size=self.max_message_bytes + 65536,
-        ))
+        self._producer = OutputProducer(
+            KafkaProducer(
+                **self.kafka,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_request_size=self.max_message_bytes + 65536,
+            )
+        )
         if self.ledger_topics:
             self._producer.load_ledger(
                 lambda: KafkaConsumer(**self.kafka, fetch_max_wait_ms=20), {}, list(self.ledger_topics)
@@ -86,8 +95,12 @@ class _WriteFn(beam.DoFn):
 class WriteToKafka(beam.PTransform):
     """PCollection of Output -> Kafka. ``ledger_topics``: read these first and skip keys they hold."""
 
-    def __init__(self, kafka: dict[str, Any], max_message_bytes: int = 16 * 1024 * 1024,
-                 ledger_topics: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        kafka: dict[str, Any],
+        max_message_bytes: int = 16 * 1024 * 1024,
+        ledger_topics: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self.fn = _WriteFn(kafka, max_message_bytes, tuple(ledger_topics))
 

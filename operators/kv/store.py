@@ -624,7 +624,9 @@ class TieredStore:
                         self._lru[j].move_to_end(key)
                     self._stats[j].hits += 1
                 if promote_to is not None and j > promote_to:
-                    value = self._install(key, cast(KVBlock, value), j, promote_to, deletes_seen)  # not a summary
+                    value = self._install(
+                        key, cast(KVBlock, value), j, promote_to, deletes_seen
+                    )  # not a summary
                 return value
             with self._cond:
                 if self._moves == moves_seen:

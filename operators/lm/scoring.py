@@ -119,7 +119,6 @@ def triton_available() -> bool:
     return _triton() is not None
 
 
-
 def score_blocks_triton(
     query: torch.Tensor, mean_keys: torch.Tensor, block_b: int = 32, block_d: int = 64
 ) -> torch.Tensor:

@@ -45,7 +45,13 @@ from .stc_cache import FrameStats, STCCacheConfig, STCCachedEncoder, STCCacheSta
 from .stc_prune import PrunedFrame, STCPruneConfig, STCPruner, STCPruneState
 
 __all__ += [
-    "FrameStats", "PrunedFrame", "STCCacheConfig", "STCCacheState", "STCCachedEncoder",
-    "STCPruneConfig", "STCPruneState", "STCPruner",
+    "FrameStats",
+    "PrunedFrame",
+    "STCCacheConfig",
+    "STCCacheState",
+    "STCCachedEncoder",
+    "STCPruneConfig",
+    "STCPruneState",
+    "STCPruner",
 ]
 from . import hf_towers  # noqa: E402,F401  (registers hf-clip, hf-siglip, hf-qwen2.5-vl, hf-vision)

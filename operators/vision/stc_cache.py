@@ -516,7 +516,9 @@ class STCCachedEncoder(Dinov2Encoder):
             offset = 0 if state.has_reference else -1
             ids = [ref_of[i] + offset for i in cached_rows]
             # None is adaptive mode's cut: never in fixed mode
-            y = cast(torch.Tensor, self._cached(x0[cached_rows], state, (pool, ids), None, recomputed=recomputed))
+            y = cast(
+                torch.Tensor, self._cached(x0[cached_rows], state, (pool, ids), None, recomputed=recomputed)
+            )
             out[cached_rows] = y
         per_frame = dict(zip(cached_rows, recomputed, strict=True))
         for i in range(b):

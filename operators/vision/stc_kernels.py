@@ -148,7 +148,6 @@ def triton_available() -> bool:
     return _triton() is not None
 
 
-
 def token_cosine_triton(
     k: torch.Tensor, ref: torch.Tensor, block_n: int = 32, block_d: int = 64
 ) -> torch.Tensor:

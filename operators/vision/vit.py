@@ -155,7 +155,9 @@ class ViT(nn.Module):
         """(B, 3, H, W) -> (B, 1 + N, D) tokens after the final LayerNorm (CLS first)."""
         ps = self.cfg.patch_size
         if pixels.shape[-1] % ps or pixels.shape[-2] % ps:
-            raise ValueError(f"image side must be a multiple of the patch size {ps}, got {tuple(pixels.shape[-2:])}")
+            raise ValueError(
+                f"image side must be a multiple of the patch size {ps}, got {tuple(pixels.shape[-2:])}"
+            )
         x = self.embed(pixels)
         for block in self.blocks:
             x = block(x)

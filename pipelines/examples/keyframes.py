@@ -69,19 +69,30 @@ class KeyframeProcessor:
             raise InvalidField(f"JPEG does not decode: {err}", "payload") from err
         pooled = self.encoder.encode(pixels[None]).pooled[0].float().cpu().numpy()
         digest = content_hash(frame.payload)
-        step = self.router.step(state, FrameInput(frame.seq, frame.pts_us, pooled.astype(np.float32), content_hash=digest))
+        step = self.router.step(
+            state, FrameInput(frame.seq, frame.pts_us, pooled.astype(np.float32), content_hash=digest)
+        )
         decision = step.decision
         if decision is None or decision.tier != "clear":
             return state, []
         key = object_key(frame.stream_id, "keyframes", f"{frame.seq:010d}", frame.payload)
         self.store.put(key, frame.payload)
         value = json.dumps(
-            {"stream_id": frame.stream_id, "seq": frame.seq, "pts_us": frame.pts_us, "key": key,
-             "score": None if decision.score != decision.score else decision.score, "reason": decision.reason},
+            {
+                "stream_id": frame.stream_id,
+                "seq": frame.seq,
+                "pts_us": frame.pts_us,
+                "key": key,
+                "score": None if decision.score != decision.score else decision.score,
+                "reason": decision.reason,
+            },
             sort_keys=True,
         ).encode()
-        return state, [Output(self.output_topic, f"{frame.stream_id}:{frame.seq}".encode(), value,
-                              partition_key=record.key)]
+        return state, [
+            Output(
+                self.output_topic, f"{frame.stream_id}:{frame.seq}".encode(), value, partition_key=record.key
+            )
+        ]
 
     def encode_state(self, state: CurveStreamState) -> bytes:
         return state.to_bytes()
@@ -90,29 +101,48 @@ class KeyframeProcessor:
         return self.router.restore(data)
 
 
-def build(pipeline: beam.Pipeline, settings: Settings, input_topic: str, output_topic: str, group: str,
-          bounded: bool = False, **processor_options) -> None:
+def build(
+    pipeline: beam.Pipeline,
+    settings: Settings,
+    input_topic: str,
+    output_topic: str,
+    group: str,
+    bounded: bool = False,
+    **processor_options,
+) -> None:
     """``bounded``: end each partition at an end-of-stream marker; otherwise run until stopped."""
     endpoints = connect.resolve_endpoints(settings)
     kafka = connect.kafka_config(settings, endpoints)
-    source = SourceConfig(client=kafka, group_id=group, end_markers=bounded, emit_end_of_stream=bounded,
-                          batch=True)
+    source = SourceConfig(
+        client=kafka, group_id=group, end_markers=bounded, emit_end_of_stream=bounded, batch=True
+    )
     task = TaskConfig(
-        kafka=kafka, s3=endpoints.s3, bucket=settings.s3.bucket, group=group,
-        output_topics=(output_topic,), dead_letter_topic=settings.topics.dead_letter,
+        kafka=kafka,
+        s3=endpoints.s3,
+        bucket=settings.s3.bucket,
+        group=group,
+        output_topics=(output_topic,),
+        dead_letter_topic=settings.topics.dead_letter,
         max_message_bytes=settings.limits.max_message_bytes,
     )
     (
         pipeline
         | "Read" >> ReadFromKafka(source, [input_topic])
-        | "Keyframes" >> beam.ParDo(
+        | "Keyframes"
+        >> beam.ParDo(
             ExactlyOnceDoFn(task, lambda: KeyframeProcessor(output_topic, settings, **processor_options))
         )
     )
 
 
-def run(settings: Settings, input_topic: str, output_topic: str, group: str, bounded: bool = False,
-        **processor_options) -> None:
+def run(
+    settings: Settings,
+    input_topic: str,
+    output_topic: str,
+    group: str,
+    bounded: bool = False,
+    **processor_options,
+) -> None:
     with beam.Pipeline(runner=make_runner(settings), options=pipeline_options(settings)) as pipeline:
         build(pipeline, settings, input_topic, output_topic, group, bounded, **processor_options)
 

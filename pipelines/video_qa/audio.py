@@ -33,8 +33,12 @@ class AudioStageState:
     reported_us: int = -1  # end of the last note sent (a mark during speech included)
 
     def to_bytes(self) -> bytes:
-        head = {"last_seq": self.last_seq, "marked_us": self.marked_us, "utterances": self.utterances,
-                "reported_us": self.reported_us}
+        head = {
+            "last_seq": self.last_seq,
+            "marked_us": self.marked_us,
+            "utterances": self.utterances,
+            "reported_us": self.reported_us,
+        }
         return tagged_blob(_STATE, head, self.vad.to_bytes())
 
 
@@ -59,8 +63,13 @@ class AudioStage:
     def decode_state(self, data: bytes) -> AudioStageState:
         head, body = read_tagged_blob(_STATE, data, "audio stage state")
         vad = VadState.from_bytes(body)
-        return AudioStageState(vad, head["last_seq"], head["marked_us"], head["utterances"],
-                               head.get("reported_us", head["marked_us"]))
+        return AudioStageState(
+            vad,
+            head["last_seq"],
+            head["marked_us"],
+            head["utterances"],
+            head.get("reported_us", head["marked_us"]),
+        )
 
     def process(self, state: AudioStageState, record: KafkaRecord) -> tuple[AudioStageState, list[Output]]:
         chunk = decode_keyed(record, AudioChunk, self.limits)  # SchemaError -> dead letter
@@ -84,10 +93,18 @@ class AudioStage:
             # text by start time and has passed everything up to the last note
             start = max(t.start_us, state.marked_us, 0)
             speech = SpeechNote(
-                stream_id=chunk.stream_id, seq=chunk.seq, start_us=start, end_us=max(t.end_us, start),
-                wall_us=wall, text=t.text.strip(), avg_logprob=float(t.avg_logprob), asr_ms=asr_ms,
+                stream_id=chunk.stream_id,
+                seq=chunk.seq,
+                start_us=start,
+                end_us=max(t.end_us, start),
+                wall_us=wall,
+                text=t.text.strip(),
+                avg_logprob=float(t.avg_logprob),
+                asr_ms=asr_ms,
             )
-            outputs.append(note(self.memory_topic, scoped_id(chunk.stream_id, "speech", start), speech, record))
+            outputs.append(
+                note(self.memory_topic, scoped_id(chunk.stream_id, "speech", start), speech, record)
+            )
             state.marked_us = max(state.marked_us, t.end_us)
             state.reported_us = max(state.reported_us, t.end_us)
             state.utterances += 1
@@ -96,11 +113,18 @@ class AudioStage:
             start = max(state.marked_us, 0)
             open_since = self.speech.vad.open_since_us(vad)
             mark = SpeechNote(
-                stream_id=chunk.stream_id, seq=chunk.seq, start_us=start, end_us=heard_us, wall_us=wall, text="",
+                stream_id=chunk.stream_id,
+                seq=chunk.seq,
+                start_us=start,
+                end_us=heard_us,
+                wall_us=wall,
+                text="",
                 # never before what is noted: the utterance's transcript will not start earlier
                 open_since_us=None if open_since is None else min(max(open_since, start), heard_us),
             )
-            outputs.append(note(self.memory_topic, scoped_id(chunk.stream_id, "heard", chunk.seq), mark, record))
+            outputs.append(
+                note(self.memory_topic, scoped_id(chunk.stream_id, "heard", chunk.seq), mark, record)
+            )
             if open_since is None:  # the audio up to here holds no unfinished speech
                 state.marked_us = heard_us
             state.reported_us = heard_us

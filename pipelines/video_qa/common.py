@@ -29,7 +29,9 @@ def decode_keyed(record: KafkaRecord, record_type, limits: Limits):
     stream its Kafka key names: a message cannot reach another stream's state."""
     item = decode(record.value, record_type, limits)
     if item.stream_id.encode() != record.key:
-        raise InvalidField(f"record key {record.key!r} is not the {record_type.__name__}'s stream id", "stream_id")
+        raise InvalidField(
+            f"record key {record.key!r} is not the {record_type.__name__}'s stream id", "stream_id"
+        )
     return item
 
 
@@ -48,8 +50,13 @@ def note(topic: str, identity: str, value: Record | bytes, source: KafkaRecord) 
     stream), identified by ``identity`` (unique per note: a repeated write is recognised)."""
     data = value if isinstance(value, bytes) else encode(value)
     # the source's key is its stream id (decode_keyed checks it)
-    return Output(topic, cast(bytes, source.key), data, headers=((OUTPUT_ID_HEADER, identity.encode()),),
-                  partition_key=source.key)
+    return Output(
+        topic,
+        cast(bytes, source.key),
+        data,
+        headers=((OUTPUT_ID_HEADER, identity.encode()),),
+        partition_key=source.key,
+    )
 
 
 def tagged_blob(tag: bytes, head: dict, body: bytes = b"") -> bytes:

@@ -50,10 +50,16 @@ class FrameStageState:
     restored: bool = field(default=False, compare=False)  # decoded from a snapshot: rebuild the cache
 
     def to_bytes(self) -> bytes:
-        head = json.dumps({
-            "last_seq": self.last_seq, "frames": self.frames, "keyframes": self.keyframes,
-            "stream_id": self.stream_id, "reference": self.reference, "stc_counters": self.stc_counters,
-        }).encode()
+        head = json.dumps(
+            {
+                "last_seq": self.last_seq,
+                "frames": self.frames,
+                "keyframes": self.keyframes,
+                "stream_id": self.stream_id,
+                "reference": self.reference,
+                "stc_counters": self.stc_counters,
+            }
+        ).encode()
         curve, prune = self.curve.to_bytes(), self.prune.to_bytes()
         return _STATE + struct.pack("<III", len(head), len(curve), len(prune)) + head + curve + prune
 
@@ -66,8 +72,9 @@ def pixels_of(frame: Frame) -> np.ndarray:
     return decode_image(frame.payload, "payload", (frame.width, frame.height))
 
 
-def decode_image(data: bytes, field: str, size: tuple[int, int] | None = None,
-                 max_pixels: int = 8192 * 8192) -> np.ndarray:
+def decode_image(
+    data: bytes, field: str, size: tuple[int, int] | None = None, max_pixels: int = 8192 * 8192
+) -> np.ndarray:
     """uint8 RGB of a JPEG/PNG; raises ``InvalidField`` (a dead letter) for anything else."""
     import io
 
@@ -134,9 +141,17 @@ class FrameStage:
         curve = self.router.restore(data[at : at + n_curve])
         prune = STCPruneState.from_bytes(data[at + n_curve : at + n_curve + n_prune])
         reference = tuple(head["reference"]) if head.get("reference") else None
-        return FrameStageState(curve, prune, head["last_seq"], head["frames"], head["keyframes"],
-                               stream_id=head.get("stream_id", ""), reference=reference,
-                               stc_counters=tuple(head.get("stc_counters", (0, 0, 0))), restored=True)
+        return FrameStageState(
+            curve,
+            prune,
+            head["last_seq"],
+            head["frames"],
+            head["keyframes"],
+            stream_id=head.get("stream_id", ""),
+            reference=reference,
+            stc_counters=tuple(head.get("stc_counters", (0, 0, 0))),
+            restored=True,
+        )
 
     # -- processing --------------------------------------------------------------
     def process(self, state: FrameStageState, record: KafkaRecord) -> tuple[FrameStageState, list[Output]]:
@@ -147,7 +162,8 @@ class FrameStage:
         t0 = time.perf_counter()
         try:
             encoded = self.guard.call(
-                lambda: self._encode(frame.stream_id, pixels, state), what=f"frame {frame.seq} of {frame.stream_id}",
+                lambda: self._encode(frame.stream_id, pixels, state),
+                what=f"frame {frame.seq} of {frame.stream_id}",
                 rollback=(lambda: self._rebuild_cache(frame.stream_id, state)) if self._per_stream else None,
             )
         except ModelCallFailed:
@@ -165,7 +181,9 @@ class FrameStage:
         state.last_seq, state.frames = frame.seq, state.frames + 1
         if decision is None:  # the router had seen this seq (state restored past it)
             return state, []
-        kept = self.pruner.prune(state.prune, encoded.patch_tokens.float().cpu(), encoded.grid, tiers=[decision.tier])
+        kept = self.pruner.prune(
+            state.prune, encoded.patch_tokens.float().cpu(), encoded.grid, tiers=[decision.tier]
+        )
         key = ""
         if decision.tier == "clear" and self.store is not None:
             jpeg = frame.payload if frame.codec == "jpeg" else encode_jpeg(pixels)
@@ -189,7 +207,9 @@ class FrameStage:
             content_hash=digest,
             encode_ms=encode_ms,
         )
-        return state, [note(self.memory_topic, scoped_id(frame.stream_id, "frame", frame.seq), visual, record)]
+        return state, [
+            note(self.memory_topic, scoped_id(frame.stream_id, "frame", frame.seq), visual, record)
+        ]
 
     def _sync_cache(self, stream_id: str, state: FrameStageState) -> None:
         """Make the encoder's cache of the stream the state's: rebuilt from the reference frame
@@ -203,11 +223,22 @@ class FrameStage:
         if self.store is None:
             raise RuntimeError("the frame stage needs an object store to restore its STC reference")
         key, codec, width, height = state.reference
-        ref = Frame(stream_id=stream_id, seq=0, pts_us=0, codec=codec, width=width, height=height,
-                    payload=self.store.get(key))
+        ref = Frame(
+            stream_id=stream_id,
+            seq=0,
+            pts_us=0,
+            codec=codec,
+            width=width,
+            height=height,
+            payload=self.store.get(key),
+        )
         frames, since, refs = state.stc_counters
-        self.encoder.set_state(stream_id, self.encoder.reference_state(
-            pixels_of(ref), frames=frames, since_reference=since, references=refs))
+        self.encoder.set_state(
+            stream_id,
+            self.encoder.reference_state(
+                pixels_of(ref), frames=frames, since_reference=since, references=refs
+            ),
+        )
 
     def _rebuild_cache(self, stream_id: str, state: FrameStageState) -> None:
         """Before a retried encode: the stream's cache as the state says (a failed call may have

@@ -67,19 +67,25 @@ def load_memory_models(settings: Settings):
 
     p = settings.pipeline
     model, tokenizer, model_id = load_language_model(p.lm_path, p.lm_dtype)
-    store = dataclasses.replace(StoreConfig.from_settings(settings), gpu_bytes=p.kv_device_bytes,
-                                cpu_bytes=p.kv_host_bytes).kv_store()
+    store = dataclasses.replace(
+        StoreConfig.from_settings(settings), gpu_bytes=p.kv_device_bytes, cpu_bytes=p.kv_host_bytes
+    ).kv_store()
     embedder = None
     if p.text_features:
         from streamvqa.operators.lm.features import MiniLMEmbedder
 
         embedder = MiniLMEmbedder()
     config = KVMemoryConfig(
-        window_tokens=p.window_tokens, block_tokens=p.block_tokens, retrieve_tokens=p.retrieve_tokens,
-        top_k=p.top_k, max_new_tokens=p.max_new_tokens, answer_context=p.answer_context,
+        window_tokens=p.window_tokens,
+        block_tokens=p.block_tokens,
+        retrieve_tokens=p.retrieve_tokens,
+        top_k=p.top_k,
+        max_new_tokens=p.max_new_tokens,
+        answer_context=p.answer_context,
     )
-    memory = KVMemory(DecoderAdapter(model, model_id=model_id), store, tokenizer=tokenizer, config=config,
-                      embedder=embedder)
+    memory = KVMemory(
+        DecoderAdapter(model, model_id=model_id), store, tokenizer=tokenizer, config=config, embedder=embedder
+    )
     # the frame stage's features come from the STC-cached DINOv2-S: the plain one is its reference
     image_encoder = build(DEFAULT_ENCODER if "dinov2" in p.encoder else p.encoder)
     return memory, image_encoder
@@ -127,9 +133,11 @@ class StageFactories:
 
         p = self.settings.pipeline
         return FrameStage(
-            build_encoder(self.settings), self.settings.topics.memory,
+            build_encoder(self.settings),
+            self.settings.topics.memory,
             store=self._objects() if p.keyframes else None,
-            curvature=CurveStreamConfig(budget_tokens=p.budget_tokens), limits=limits_from(self.settings),
+            curvature=CurveStreamConfig(budget_tokens=p.budget_tokens),
+            limits=limits_from(self.settings),
             calls=p.call_policy(),
         )
 
@@ -139,8 +147,13 @@ class StageFactories:
         from .audio import AudioStage
 
         p = self.settings.pipeline
-        return AudioStage(SpeechToText(), self.settings.topics.memory, progress_us=int(p.audio_progress_s * 1e6),
-                          limits=limits_from(self.settings), calls=p.call_policy())
+        return AudioStage(
+            SpeechToText(),
+            self.settings.topics.memory,
+            progress_us=int(p.audio_progress_s * 1e6),
+            limits=limits_from(self.settings),
+            calls=p.call_policy(),
+        )
 
     def queries(self):
         from .queries import QueryStage
@@ -153,10 +166,17 @@ class StageFactories:
         p = self.settings.pipeline
         settings = self.settings
         return MemoryStage(
-            lambda: load_memory_models(settings), settings.topics.answers, objects=self._objects(),
-            config=MemoryStageConfig(hold_timeout_us=int(p.hold_timeout_s * 1e6),
-                                     image_match_threshold=p.image_match_threshold, expect_audio=p.speech),
-            limits=limits_from(settings), calls=p.call_policy(), dead_letter_topic=settings.topics.dead_letter,
+            lambda: load_memory_models(settings),
+            settings.topics.answers,
+            objects=self._objects(),
+            config=MemoryStageConfig(
+                hold_timeout_us=int(p.hold_timeout_s * 1e6),
+                image_match_threshold=p.image_match_threshold,
+                expect_audio=p.speech,
+            ),
+            limits=limits_from(settings),
+            calls=p.call_policy(),
+            dead_letter_topic=settings.topics.dead_letter,
         )
 
     def by_topic(self) -> dict:
@@ -177,13 +197,23 @@ def build(pipeline: beam.Pipeline, settings: Settings, group: str = DEFAULT_GROU
     kafka = connect.kafka_config(settings, endpoints)
     p = settings.pipeline
     source = SourceConfig(  # end_markers off: no producer can end this job's input
-        client=kafka, group_id=group, batch=True, poll_timeout_ms=20,
-        max_bundle_records=64, max_bundle_seconds=0.5, idle_backoff_s=(0.01, 0.1), heartbeat_s=p.heartbeat_s,
+        client=kafka,
+        group_id=group,
+        batch=True,
+        poll_timeout_ms=20,
+        max_bundle_records=64,
+        max_bundle_seconds=0.5,
+        idle_backoff_s=(0.01, 0.1),
+        heartbeat_s=p.heartbeat_s,
     )
     task = TaskConfig(
-        kafka=kafka, s3=endpoints.s3, bucket=settings.s3.bucket, group=group,
+        kafka=kafka,
+        s3=endpoints.s3,
+        bucket=settings.s3.bucket,
+        group=group,
         output_topics=(settings.topics.memory, settings.topics.answers),
-        dead_letter_topic=settings.topics.dead_letter, commit_interval_s=p.commit_interval_s,
+        dead_letter_topic=settings.topics.dead_letter,
+        commit_interval_s=p.commit_interval_s,
         max_message_bytes=settings.limits.max_message_bytes,
     )
     factories = StageFactories(settings)
@@ -199,11 +229,16 @@ def run(settings: Settings, group: str = DEFAULT_GROUP) -> None:
     (:class:`SourcesEnded`), never a success, for the supervisor and the CLI's exit code."""
     with beam.Pipeline(runner=make_runner(settings), options=pipeline_options(settings)) as pipeline:
         build(pipeline, settings, group)
-    raise SourcesEnded("the pipeline's sources ended; the main job's input is unbounded, so this is a failure")
+    raise SourcesEnded(
+        "the pipeline's sources ended; the main job's input is unbounded, so this is a failure"
+    )
 
 
 def run_supervised(
-    settings: Settings, group: str = DEFAULT_GROUP, *, backoff_s: tuple[float, float] = (1.0, 30.0),
+    settings: Settings,
+    group: str = DEFAULT_GROUP,
+    *,
+    backoff_s: tuple[float, float] = (1.0, 30.0),
     attempts: int | None = None,
 ) -> None:
     """Run the pipeline, and run it again when it fails (the object store or the broker out, a
@@ -222,8 +257,13 @@ def run_supervised(
             if failures == 1:
                 delay = low
             reason = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
-            log.error("pipeline run failed (%s: %s); run %d restarts in %.0f s",
-                      type(err).__name__, reason, failures + 1, delay)
+            log.error(
+                "pipeline run failed (%s: %s); run %d restarts in %.0f s",
+                type(err).__name__,
+                reason,
+                failures + 1,
+                delay,
+            )
             if attempts is not None and failures >= attempts:
                 raise
             time.sleep(delay)

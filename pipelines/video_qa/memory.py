@@ -60,7 +60,9 @@ if TYPE_CHECKING:
 
 _STATE = b"streamvqa.memory-stage/1"
 _CHUNK = b"streamvqa.visual-index/1"
-INDEX_CHUNK_FRAMES = 512  # the visual index is snapshotted in sealed, content-addressed chunks of this many frames
+INDEX_CHUNK_FRAMES = (
+    512  # the visual index is snapshotted in sealed, content-addressed chunks of this many frames
+)
 _COLUMNS = ("seqs", "pts", "tiers", "scores", "tokens", "hashes")
 MANIFEST_MAX_ENTRIES = 10_000  # a manifest lists the most recent frames and blocks, this many of each
 SYSTEM_ID = "streamvqa"
@@ -225,11 +227,22 @@ class MemoryStage:
                 raise BlockMismatch(f"the state of stream {state.stream_id!r} names {head['kv_key']!r}")
             state.kv = StreamKV.from_bytes(self.objects.get(head["kv_key"]), self.memory.store)
             if state.kv.stream_id != state.stream_id:
-                raise BlockMismatch(f"the state of stream {state.stream_id!r} holds the memory of {state.kv.stream_id!r}")
+                raise BlockMismatch(
+                    f"the state of stream {state.stream_id!r} holds the memory of {state.kv.stream_id!r}"
+                )
             state.kv_version = head["kv_version"]
             state.kv_saved = (state.kv_version, head["kv_key"])
-        for name in ("frames_wall_us", "audio_wall_us", "last_frame_seq", "heard_us", "last_scene_note_us",
-                     "frame_pts_us", "offset_us", "answered", "utterances"):
+        for name in (
+            "frames_wall_us",
+            "audio_wall_us",
+            "last_frame_seq",
+            "heard_us",
+            "last_scene_note_us",
+            "frame_pts_us",
+            "offset_us",
+            "answered",
+            "utterances",
+        ):
             setattr(state, name, head[name])
         state.pending = [tuple(p) for p in head["pending"]]
         state.index_chunks = list(head.get("index_chunks", []))
@@ -238,9 +251,13 @@ class MemoryStage:
         for c in _COLUMNS:
             setattr(state, c, [x for columns, _ in parts for x in columns[c]])
         if head["dim"]:
-            state.features = np.frombuffer(b"".join(f for _, f in parts), "<f2").reshape(-1, head["dim"]).copy()
-        state.held = [Held(base64.b64decode(d), q, a, r, tuple(rest[0]) if rest else ("", -1, -1))
-                      for d, q, a, r, *rest in head["held"]]
+            state.features = (
+                np.frombuffer(b"".join(f for _, f in parts), "<f2").reshape(-1, head["dim"]).copy()
+            )
+        state.held = [
+            Held(base64.b64decode(d), q, a, r, tuple(rest[0]) if rest else ("", -1, -1))
+            for d, q, a, r, *rest in head["held"]
+        ]
         return state
 
     def _seal_index_chunks(self, state: MemoryState) -> None:
@@ -270,15 +287,24 @@ class MemoryStage:
         if not isinstance(item, (VisualNote, SpeechNote, Query)):
             raise WrongRecordType(f"the memory topic carries notes and queries, not a {type(item).__name__}")
         if item.stream_id != state.stream_id:
-            raise WrongRecordType(f"a {type(item).__name__} of stream {item.stream_id!r} keyed {record.key!r}")
+            raise WrongRecordType(
+                f"a {type(item).__name__} of stream {item.stream_id!r} keyed {record.key!r}"
+            )
         if isinstance(item, VisualNote):
             self._visual(state, item)
         elif isinstance(item, SpeechNote):
             self._speech(state, item)
         elif isinstance(item, Query):
             if item.query_id not in state.answered and all(h.query_id != item.query_id for h in state.held):
-                state.held.append(Held(record.value, item.query_id, item.asked_at_us, wall_us(record),
-                                       (record.topic, record.partition, record.offset)))
+                state.held.append(
+                    Held(
+                        record.value,
+                        item.query_id,
+                        item.asked_at_us,
+                        wall_us(record),
+                        (record.topic, record.partition, record.offset),
+                    )
+                )
         self._flush(state)
         return state, self._release(state, None)
 
@@ -304,7 +330,9 @@ class MemoryStage:
         vec: np.ndarray = np.asarray(n.feature, np.float32)
         vec = (vec / max(float(np.linalg.norm(vec)), 1e-12)).astype(np.float16)[None]
         if state.features is not None and state.features.shape[1] != vec.shape[1]:
-            raise WrongRecordType(f"feature of width {vec.shape[1]}, the stream's are {state.features.shape[1]}")
+            raise WrongRecordType(
+                f"feature of width {vec.shape[1]}, the stream's are {state.features.shape[1]}"
+            )
         state.last_frame_seq = n.seq
         state.frames_wall_us = max(state.frames_wall_us, n.wall_us)
         used = len(state.seqs)
@@ -326,7 +354,9 @@ class MemoryStage:
         if scene and n.pts_us - state.last_scene_note_us >= self.config.scene_note_gap_us:
             state.last_scene_note_us = n.pts_us
             what = "The video starts." if n.reason == "first" else "The picture changes: a new scene."
-            state.pending.append((n.pts_us, 0, n.seq, f"[{n.pts_us / 1e6:.1f} s] {what}\n", n.pts_us, n.pts_us))
+            state.pending.append(
+                (n.pts_us, 0, n.seq, f"[{n.pts_us / 1e6:.1f} s] {what}\n", n.pts_us, n.pts_us)
+            )
 
     def _speech(self, state: MemoryState, n: SpeechNote) -> None:
         state.audio_wall_us = max(state.audio_wall_us, n.wall_us)
@@ -338,8 +368,16 @@ class MemoryStage:
             state.offset_us = n.wall_us - n.end_us  # the note's wall clock is its chunk's end
         if n.text:
             state.utterances += 1
-            state.pending.append((n.start_us, 1, n.seq, f"[{n.start_us / 1e6:.1f}-{n.end_us / 1e6:.1f} s] "
-                                  f"Speech: {n.text}\n", n.start_us, n.end_us))
+            state.pending.append(
+                (
+                    n.start_us,
+                    1,
+                    n.seq,
+                    f"[{n.start_us / 1e6:.1f}-{n.end_us / 1e6:.1f} s] Speech: {n.text}\n",
+                    n.start_us,
+                    n.end_us,
+                )
+            )
 
     def _flush(self, state: MemoryState, everything: bool = False, upto: int | None = None) -> None:
         """Prefill the pending text that every source of the stream has passed, in stream-time
@@ -356,7 +394,11 @@ class MemoryStage:
         # source that never comes (audio-only, or video without audio) holds the text until a
         # question takes it (or until too much waits).
         expected_missing = state.frames_wall_us < 0 or (self.config.expect_audio and state.audio_wall_us < 0)
-        if not everything and expected_missing and len(state.pending) <= self.config.max_pending_without_audio:
+        if (
+            not everything
+            and expected_missing
+            and len(state.pending) <= self.config.max_pending_without_audio
+        ):
             return
         marks = []
         if state.frames_wall_us >= 0:
@@ -376,6 +418,7 @@ class MemoryStage:
         that goes on past ``speech_until`` (a held question's time) waits: a question sees the
         utterances that ended by its time, and never one it was asked in the middle of (whether
         that one's transcript has come yet or not depends on the stages' timing)."""
+
         def ready(p) -> bool:
             return p[0] <= limit and (speech_until is None or p[1] != 1 or p[5] <= speech_until)
 
@@ -416,14 +459,22 @@ class MemoryStage:
                     self._flush(state, upto=at)
                 try:
                     answer = self._answer(state, h, at)
-                except ModelCallFailed as err:  # retried already: the asker is told, the question dead-lettered
+                except (
+                    ModelCallFailed
+                ) as err:  # retried already: the asker is told, the question dead-lettered
                     answer = self._failed(state, h, err)
                     outputs += self._dead_letter(state, h, err)
                 # keyed by the query id for readers; identified by stream and query id for the ledger
                 identity = scoped_id(state.stream_id, "answer", h.query_id).encode()
-                outputs.append(Output(self.answers_topic, h.query_id.encode(), encode(answer),
-                                      headers=((OUTPUT_ID_HEADER, identity),),
-                                      partition_key=state.stream_id.encode()))
+                outputs.append(
+                    Output(
+                        self.answers_topic,
+                        h.query_id.encode(),
+                        encode(answer),
+                        headers=((OUTPUT_ID_HEADER, identity),),
+                        partition_key=state.stream_id.encode(),
+                    )
+                )
                 state.answered = [*state.answered, h.query_id][-KEEP_ANSWERED:]
             else:
                 keep.append(h)
@@ -449,15 +500,22 @@ class MemoryStage:
             latency += [StageLatency(stage=k, ms=v) for k, v in timings.items()]
         total = sum(s.ms for s in latency)
         return Answer(
-            query_id=query.query_id, stream_id=query.stream_id, text=text, model_id=model_id,
-            answered_at_us=now_us(), evidence=tuple(evidence),
+            query_id=query.query_id,
+            stream_id=query.stream_id,
+            text=text,
+            model_id=model_id,
+            answered_at_us=now_us(),
+            evidence=tuple(evidence),
             latency=(*latency, StageLatency(stage="total", ms=total)),
         )
 
     def _failed(self, state: MemoryState, h: Held, err: ModelCallFailed) -> Answer:
         wait = max(0.0, (now_us() - h.received_us) / 1000)
         return Answer(
-            query_id=h.query_id, stream_id=state.stream_id, model_id=SYSTEM_ID, answered_at_us=now_us(),
+            query_id=h.query_id,
+            stream_id=state.stream_id,
+            model_id=SYSTEM_ID,
+            answered_at_us=now_us(),
             text=f"This question could not be answered: {err}",
             latency=(StageLatency(stage="wait", ms=wait), StageLatency(stage="total", ms=wait)),
         )
@@ -466,10 +524,23 @@ class MemoryStage:
         if self.dead_letter_topic is None:
             return []
         topic, partition, offset = h.source
-        letter = make_dead_letter(err, source_topic=topic, source_partition=partition, source_offset=offset,
-                                  payload=h.data, key=state.stream_id.encode(), limits=self.limits)
-        return [Output(self.dead_letter_topic, scoped_id(state.stream_id, "question", h.query_id).encode(), encode(letter),
-                       partition_key=state.stream_id.encode())]
+        letter = make_dead_letter(
+            err,
+            source_topic=topic,
+            source_partition=partition,
+            source_offset=offset,
+            payload=h.data,
+            key=state.stream_id.encode(),
+            limits=self.limits,
+        )
+        return [
+            Output(
+                self.dead_letter_topic,
+                scoped_id(state.stream_id, "question", h.query_id).encode(),
+                encode(letter),
+                partition_key=state.stream_id.encode(),
+            )
+        ]
 
     def _text_answer(self, state: MemoryState, query: Query):
         memory = self.memory
@@ -480,13 +551,17 @@ class MemoryStage:
         # too) and its evidence names the blocks it was answered from.
         memory.spill(state.kv, keep_tokens=0)
         state.kv_version += 1
-        answer = self.lm_guard.call(lambda: memory.answer(state.kv, question), what=f"question {query.query_id}")
+        answer = self.lm_guard.call(
+            lambda: memory.answer(state.kv, question), what=f"question {query.query_id}"
+        )
         spans = sorted(answer.evidence, key=lambda e: -e.score)
         evidence = [EvidenceSpan(start_us=e.start_us, end_us=e.end_us, score=float(e.score)) for e in spans]
         t = answer.timings_ms
         timings = {
             "retrieve": t.get("query", 0.0) + t.get("score", 0.0) + t.get("fetch", 0.0),
-            "prefill": max(0.0, t.get("ttft", 0.0) - t.get("query", 0.0) - t.get("score", 0.0) - t.get("fetch", 0.0)),
+            "prefill": max(
+                0.0, t.get("ttft", 0.0) - t.get("query", 0.0) - t.get("score", 0.0) - t.get("fetch", 0.0)
+            ),
             "decode": t.get("decode", 0.0),
         }
         return answer.text.strip(), evidence, memory.model_id, timings
@@ -516,13 +591,17 @@ class MemoryStage:
         upto = len(state.pts) if at is None else int(np.searchsorted(np.asarray(state.pts), at, side="right"))
         upto = max(upto, 1)  # frames up to the question's time (at least the first)
         sims = state.features[:upto].astype(np.float32) @ vec.astype(np.float32)
-        spans = match_spans(sims, state.pts[:upto], self.config.image_match_threshold, self.config.image_match_margin)
+        spans = match_spans(
+            sims, state.pts[:upto], self.config.image_match_threshold, self.config.image_match_margin
+        )
         spans = spans[: self.config.max_spans]
         timings = {"encode": (t1 - t0) * 1000, "match": (time.perf_counter() - t1) * 1000}
         best = int(np.argmax(sims))
         if not spans:
-            text = (f"No frame of this stream looks like this image (best similarity {sims[best]:.2f} "
-                    f"at {state.pts[best] / 1e6:.1f} s).")
+            text = (
+                f"No frame of this stream looks like this image (best similarity {sims[best]:.2f} "
+                f"at {state.pts[best] / 1e6:.1f} s)."
+            )
             return text, [], name, timings
         where = ", ".join(f"{s.start_us / 1e6:.1f}-{s.end_us / 1e6:.1f} s" for s in spans)
         text = f"It appeared at {where} (best similarity {spans[0].score:.2f})."
@@ -548,29 +627,57 @@ def manifest_of(state: MemoryState, store=None) -> MemoryManifest:
         per_token = _bytes_per_token(kv)
         for s in kv.index[-MANIFEST_MAX_ENTRIES:]:
             tiers = store.where(s.key) if store is not None else []
-            blocks.append(ManifestBlock(
-                block_index=s.block_index, start_us=s.start_us, end_us=max(s.end_us, s.start_us),
-                tier=_tier_name(tiers[0]) if tiers else "object", nbytes=s.num_tokens * per_token,
-                key=s.key.path, content_hash=s.block_hash,
-            ))
+            blocks.append(
+                ManifestBlock(
+                    block_index=s.block_index,
+                    start_us=s.start_us,
+                    end_us=max(s.end_us, s.start_us),
+                    tier=_tier_name(tiers[0]) if tiers else "object",
+                    nbytes=s.num_tokens * per_token,
+                    key=s.key.path,
+                    content_hash=s.block_hash,
+                )
+            )
         for b in [kv.sink, *kv.window]:
             if b is not None:
-                blocks.append(ManifestBlock(
-                    block_index=b.block_index, start_us=b.start_us, end_us=b.end_us,
-                    tier="gpu" if b.device.type == "cuda" else "cpu", nbytes=b.nbytes, key="",
-                    content_hash=b.content_hash(),
-                ))
+                blocks.append(
+                    ManifestBlock(
+                        block_index=b.block_index,
+                        start_us=b.start_us,
+                        end_us=b.end_us,
+                        tier="gpu" if b.device.type == "cuda" else "cpu",
+                        nbytes=b.nbytes,
+                        key="",
+                        content_hash=b.content_hash(),
+                    )
+                )
     recent = slice(-MANIFEST_MAX_ENTRIES, None)
     frames = tuple(
         ManifestFrame(seq=q, pts_us=p, tier=t, tokens=k, score=c, content_hash=h)
-        for q, p, t, k, c, h in zip(state.seqs[recent], state.pts[recent], state.tiers[recent],
-                                    state.tokens[recent], state.scores[recent], state.hashes[recent], strict=True)
+        for q, p, t, k, c, h in zip(
+            state.seqs[recent],
+            state.pts[recent],
+            state.tiers[recent],
+            state.tokens[recent],
+            state.scores[recent],
+            state.hashes[recent],
+            strict=True,
+        )
     )
     return MemoryManifest(
-        stream_id=state.stream_id, generation=state.kv_version, updated_at_us=now_us(), token_budget=0,
-        total_tokens=sum(state.tokens) + (sum(b.num_tokens for b in [kv.sink, *kv.window] if b is not None)
-                                          + sum(s.num_tokens for s in kv.index) if kv is not None else 0),
-        frames=frames, kv_blocks=tuple(blocks),
+        stream_id=state.stream_id,
+        generation=state.kv_version,
+        updated_at_us=now_us(),
+        token_budget=0,
+        total_tokens=sum(state.tokens)
+        + (
+            sum(b.num_tokens for b in [kv.sink, *kv.window] if b is not None)
+            + sum(s.num_tokens for s in kv.index)
+            if kv is not None
+            else 0
+        ),
+        frames=frames,
+        kv_blocks=tuple(blocks),
     )
 
 
@@ -622,6 +729,8 @@ def match_spans(sims: np.ndarray, pts: list[int], threshold: float, margin: floa
         while j + 1 < len(sims) and sims[j + 1] >= cut:
             j += 1
         end = pts[j + 1] if j + 1 < len(pts) else pts[j] + step
-        spans.append(EvidenceSpan(start_us=pts[i], end_us=max(end, pts[i]), score=float(sims[i : j + 1].max())))
+        spans.append(
+            EvidenceSpan(start_us=pts[i], end_us=max(end, pts[i]), score=float(sims[i : j + 1].max()))
+        )
         i = j + 1
     return sorted(spans, key=lambda s: -s.score)

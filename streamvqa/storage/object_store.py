@@ -111,7 +111,10 @@ class ObjectStore:
         try:
             return self._s3.put_object(**kwargs)["ETag"]
         except ClientError as err:
-            if _status(err) in (409, 412) or _code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if _status(err) in (409, 412) or _code(err) in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
                 raise PreconditionFailed(f"conditional write of {key!r} lost: {_code(err)}") from err
             raise ObjectStoreError(f"put {self.bucket}/{key} failed: {err}") from err
 
