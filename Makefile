@@ -46,9 +46,11 @@ test: venv iac-tools
 bench: venv
 	$(PY) -m bench
 
-# ruff's lint rules, then mypy ([tool.mypy] in pyproject.toml). .ci/run runs it before the tests.
+# ruff's lint rules and its formatting, then mypy ([tool.mypy] in pyproject.toml). .ci/run runs it
+# before the tests; `ruff format .` fixes the formatting.
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) .ci/typecheck.py
 
 # mypy alone. .ci/typecheck.py lays out the package-dir mapping (streamvqa.operators ->
