@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 
 from kafka.admin import NewTopic
@@ -102,3 +104,10 @@ def partition_task(
         [*outputs, settings.topics.dead_letter],
     )
     return task, producer
+
+
+def start_passthrough(settings, topic: str, out: str, group: str, log, *options: str) -> subprocess.Popen:
+    """``streamvqa run passthrough`` in its own process group (for SIGKILL), output to ``log``."""
+    argv = [sys.executable, "-m", "streamvqa.cli", "run", "passthrough", "--input", topic, "--output", out,
+            "--group", group, "--data-dir", str(settings.data_dir), *options]  # fmt: skip
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

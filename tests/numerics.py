@@ -78,7 +78,6 @@ def transformer(*, width: int, mlp: int, layers: int, context: int) -> dict[str,
 
 #: DINOv2-S (operators/vision/vit.py) at 224 px: 12 blocks, width 384, MLP 1536, 257 tokens.
 DINOV2 = transformer(width=384, mlp=1536, layers=12, context=257)
-DINOV2_TERMS, DINOV2_DEPTH = DINOV2["terms"], DINOV2["depth"]
 
 
 def of_config(config, context: int) -> dict[str, int]:

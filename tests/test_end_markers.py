@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 
 import apache_beam as beam
@@ -20,33 +19,12 @@ from streamvqa import connect
 from streamvqa.cli import app
 from streamvqa.pipelines.video_qa import graph
 from streamvqa.schemas import DeadLetter, decode
-from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_stream
+from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_stream, start_passthrough
 
 
 def _start(settings, topic: str, out: str, group: str, log) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamvqa.cli",
-            "run",
-            "passthrough",
-            "--input",
-            topic,
-            "--output",
-            out,
-            "--group",
-            group,
-            "--data-dir",
-            str(settings.data_dir),
-            "--commit-every",
-            "5",
-            "--commit-interval",
-            "0.2",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return start_passthrough(
+        settings, topic, out, group, log, "--commit-every", "5", "--commit-interval", "0.2"
     )
 
 

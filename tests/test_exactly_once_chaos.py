@@ -7,14 +7,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from streamvqa import connect
-from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_stream
+from tests.kafka_helpers import frame_bytes, new_topics, read_all, send_end_of_stream, start_passthrough
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -24,30 +23,8 @@ KILLS = 6
 
 
 def _start(settings, topic: str, out: str, group: str, log) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamvqa.cli",
-            "run",
-            "passthrough",
-            "--input",
-            topic,
-            "--output",
-            out,
-            "--group",
-            group,
-            "--data-dir",
-            str(settings.data_dir),
-            "--commit-every",
-            "50",
-            "--commit-interval",
-            "0.3",
-            "--bounded",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return start_passthrough(
+        settings, topic, out, group, log, "--commit-every", "50", "--commit-interval", "0.3", "--bounded"
     )
 
 

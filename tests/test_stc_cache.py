@@ -20,7 +20,7 @@ from streamvqa.operators.vision import (
     build_encoder,
 )
 from streamvqa.operators.vision.stc_cache import PRESETS
-from tests.numerics import DINOV2_DEPTH, DINOV2_TERMS, assert_reordered_close
+from tests.numerics import DINOV2, assert_reordered_close
 
 SMALL = Preprocess(size=(112, 112))  # 8x8 patches: cheap passes for exactness checks
 
@@ -45,7 +45,7 @@ def base32() -> Dinov2Encoder:
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Equal up to the order of the arithmetic: the DINOv2-S bound of tests/numerics.py."""
-    assert_reordered_close(actual, expected, terms=DINOV2_TERMS, depth=DINOV2_DEPTH)
+    assert_reordered_close(actual, expected, **DINOV2)
 
 
 def full_vit(base: Dinov2Encoder) -> Dinov2Encoder:

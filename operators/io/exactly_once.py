@@ -336,7 +336,7 @@ class PartitionTask:
 
     def process(self, record: KafkaRecord) -> None:
         """Absorb one record (in offset order) and produce its outputs; commit when due."""
-        if record.is_end_of_stream:
+        if record.end_of_stream:
             # Commit up to, not past, the marker: a run restarted after this commit must
             # read the marker again to know where the replay ends.
             self._position = record.offset

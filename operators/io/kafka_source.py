@@ -184,8 +184,8 @@ class ReadPartitionFn(beam.DoFn, RestrictionProvider):
                 )
                 if self.config.end_markers and record.has_end_marker:
                     record = replace(record, end_of_stream=True)
-                if record.is_end_of_stream or message.offset + 1 >= restriction.stop:
-                    if not record.is_end_of_stream or self.config.emit_end_of_stream:
+                if record.end_of_stream or message.offset + 1 >= restriction.stop:
+                    if not record.end_of_stream or self.config.emit_end_of_stream:
                         records.append(record)
                     tracker.try_claim(restriction.stop)  # marks the restriction done
                     done = True

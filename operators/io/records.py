@@ -34,10 +34,6 @@ class KafkaRecord:
     end_of_stream: bool = False
 
     @property
-    def is_end_of_stream(self) -> bool:
-        return self.end_of_stream
-
-    @property
     def has_end_marker(self) -> bool:
         """The producer put the end-of-stream header on it (honoured only by a bounded source)."""
         return any(name == EOS_HEADER for name, _ in self.headers)

@@ -37,7 +37,7 @@ class DecodeOrDeadLetter(beam.DoFn):
         self.limits = limits
 
     def process(self, record: KafkaRecord) -> Iterator[Any]:
-        if record.is_end_of_stream:
+        if record.end_of_stream:
             return
         try:
             if record.has_end_marker:  # not honoured by this (unbounded) source: a producer's claim
